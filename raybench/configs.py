@@ -1,0 +1,273 @@
+"""The study's configurations: small frozen dataclasses, validated at construction, named the way the study
+names them, and serialisable into Ray's param space (plain dicts) and back.
+
+A model config's `name` is the join key everywhere: Ray trial name, Parquet `trial` column, plot label.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+# Built-in Swin architectures (the Hugging Face checkpoints' configs), so Swin-Tiny from scratch and the
+# complexity figures need no download. Keys are the checkpoints users name.
+SWIN_ARCHS: dict[str, dict[str, Any]] = {
+    "microsoft/swin-tiny-patch4-window7-224": dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, patch_size=4,
+        image_size=224, mlp_ratio=4.0),
+    "microsoft/swin-small-patch4-window7-224": dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7, patch_size=4,
+        image_size=224, mlp_ratio=4.0),
+}
+SWIN_SHORT = {"tiny": "microsoft/swin-tiny-patch4-window7-224",
+              "small": "microsoft/swin-small-patch4-window7-224"}
+
+
+class ConfigError(ValueError):
+    """A config value that raybench rejects; the message names the field, the value and what is accepted."""
+
+
+def _positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be a positive number")
+
+
+def _choice(obj, name, choices):
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(f"{type(obj).__name__}.{name}={v!r}: must be one of {sorted(choices)}")
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x).replace(".", "p")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    family: ClassVar[str] = "vit"
+    patch: int = 8  # patch side in pixels; must divide image_size
+    dim: int = 256  # embedding width
+    depth: int = 4  # encoder blocks
+    heads: int = 2  # attention heads; must divide dim
+    mlp_ratio: float = 2.0  # MLP hidden = mlp_ratio x dim
+    dropout: float = 0.0
+    image_size: int = 32
+    num_classes: int = 100
+
+    def __post_init__(self):
+        _positive(self, "patch", "dim", "depth", "heads", "mlp_ratio", "image_size", "num_classes")
+        for n in ("patch", "dim", "depth", "heads", "image_size", "num_classes"):
+            if int(getattr(self, n)) != getattr(self, n):
+                raise ConfigError(f"ViTConfig.{n}={getattr(self, n)!r}: must be an integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ViTConfig.dropout={self.dropout!r}: must be in [0, 1)")
+        if self.image_size % self.patch:
+            raise ConfigError(f"ViTConfig.patch={self.patch}: must divide image_size={self.image_size}")
+        if self.dim % self.heads:
+            raise ConfigError(f"ViTConfig.heads={self.heads}: must divide dim={self.dim}")
+        if (self.mlp_ratio * self.dim) != int(self.mlp_ratio * self.dim):
+            raise ConfigError(f"ViTConfig.mlp_ratio={self.mlp_ratio}: mlp_ratio x dim must be an integer")
+
+    @property
+    def name(self) -> str:
+        return f"vit-p{self.patch}-e{self.dim}-l{self.depth}-h{self.heads}-m{_fmt(self.mlp_ratio)}"
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.dim)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    family: ClassVar[str] = "resnet"
+    stem: str = "cifar"  # "cifar": 3x3 conv stride 1, no max-pool; "imagenet": torchvision's 7x7/2 + max-pool
+    pretrained: bool = False  # torchvision ImageNet weights (needs the imagenet stem)
+    image_size: int = 32  # the size the model sees; pretrained weights expect 224
+    num_classes: int = 100
+
+    def __post_init__(self):
+        _choice(self, "stem", {"cifar", "imagenet"})
+        _positive(self, "image_size", "num_classes")
+        if self.pretrained and self.stem != "imagenet":
+            raise ConfigError("ResNetConfig.pretrained=True: ImageNet weights need stem='imagenet' "
+                              f"(got stem={self.stem!r})")
+
+    @property
+    def name(self) -> str:
+        return f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    family: ClassVar[str] = "swin"
+    checkpoint: str = SWIN_SHORT["tiny"]  # HF hub name or a local folder written by save_pretrained
+    finetune: bool = True  # True: pretrained weights, frozen backbone, only the new head trains
+    num_classes: int = 100
+
+    def __post_init__(self):
+        _positive(self, "num_classes")
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: must be a hub name "
+                              f"({', '.join(SWIN_ARCHS)}) or a local folder")
+        if not self.finetune and self.checkpoint not in SWIN_ARCHS and not _looks_local(self.checkpoint):
+            raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: from-scratch Swin needs a known "
+                              f"architecture ({', '.join(SWIN_ARCHS)}) or a local folder with config.json")
+
+    @property
+    def short(self) -> str:
+        for k, v in SWIN_SHORT.items():
+            if v == self.checkpoint:
+                return k
+        return re.sub(r"[^a-z0-9]+", "-", self.checkpoint.rstrip("/").split("/")[-1].lower()).strip("-")
+
+    @property
+    def name(self) -> str:
+        return f"swin-{self.short}-" + ("ft" if self.finetune else "scratch")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or "/" not in path
+
+
+ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig]
+FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained. `seed` is the study as first specified, `improved` a modern recipe."""
+    name: str = "seed"
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 30
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: tuple[str, ...] = ()  # subset of ("crop", "flip")
+
+    AUGMENTS: ClassVar[frozenset] = frozenset({"crop", "flip"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "augment", tuple(self.augment))
+        _choice(self, "optimizer", {"adam", "adamw"})
+        _choice(self, "schedule", {"constant", "cosine"})
+        _positive(self, "lr", "batch_size", "epochs")
+        if int(self.batch_size) != self.batch_size or int(self.epochs) != self.epochs:
+            raise ConfigError(f"Recipe batch_size={self.batch_size!r} / epochs={self.epochs!r}: must be integers")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"Recipe: weight_decay={self.weight_decay}, warmup_epochs={self.warmup_epochs} "
+                              f"must be >= 0 and label_smoothing={self.label_smoothing} in [0, 1)")
+        bad = set(self.augment) - self.AUGMENTS
+        if bad:
+            raise ConfigError(f"Recipe.augment={list(self.augment)!r}: unknown {sorted(bad)}; "
+                              f"accepted: {sorted(self.AUGMENTS)}")
+
+
+def default_recipe(name: str, model: ModelConfig) -> Recipe:
+    """The study's recipes per family. Swin runs use batch 32, Adam 2e-5, 3 epochs as the study asks."""
+    swin = isinstance(model, SwinConfig)
+    if name == "seed":
+        return Recipe("seed", "adam", 2e-5 if swin else 1e-3, 32 if swin else 64, 3 if swin else 30)
+    if name == "improved":
+        return Recipe("improved", "adamw", 1e-4 if swin else 1e-3, 32 if swin else 64, 3 if swin else 30,
+                      weight_decay=0.05, schedule="cosine", warmup_epochs=0.5 if swin else 2.0,
+                      label_smoothing=0.1, augment=("crop", "flip"))
+    raise ConfigError(f"recipe={name!r}: must be one of ['improved', 'seed']")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "synthetic"  # cifar100 | synthetic | imagefolder
+    data_dir: str | None = None  # cifar100: existing copy / download target; imagefolder: root with train/ test/
+    train_size: int = 50_000  # synthetic only
+    test_size: int = 10_000  # synthetic only
+    download: bool = True  # cifar100: try to download when data_dir has no copy
+
+    def __post_init__(self):
+        _choice(self, "name", {"cifar100", "synthetic", "imagefolder"})
+        _positive(self, "train_size", "test_size")
+        if self.name == "imagefolder" and not self.data_dir:
+            raise ConfigError("DataSpec.data_dir=None: dataset 'imagefolder' needs --data-dir "
+                              "(a folder with train/<class>/* and test/<class>/*)")
+
+    @property
+    def label(self) -> str:
+        return {"synthetic": "synthetic", "cifar100": "cifar100"}.get(self.name, f"imagefolder")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs; travels through Ray's param_space as a plain dict (`to_dict`)."""
+    model: ModelConfig
+    recipe: Recipe
+    data: DataSpec = field(default_factory=DataSpec)
+    seed: int = 0
+    multi_seed: bool = False  # the experiment repeats trials over seeds: put the seed in the name
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}-{self.recipe.name}" + (f"-s{self.seed}" if self.multi_seed else "")
+
+    def to_dict(self) -> dict:
+        return {"family": self.model.family, "model": dataclasses.asdict(self.model),
+                "recipe": {**dataclasses.asdict(self.recipe), "augment": list(self.recipe.augment)},
+                "data": dataclasses.asdict(self.data), "seed": self.seed, "multi_seed": self.multi_seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialSpec":
+        return cls(model=model_from_dict(d["family"], d["model"]), recipe=Recipe(**d["recipe"]),
+                   data=DataSpec(**d["data"]), seed=int(d["seed"]), multi_seed=bool(d.get("multi_seed")))
+
+
+def model_from_dict(family: str, fields: dict) -> ModelConfig:
+    if family not in FAMILIES:
+        raise ConfigError(f"family={family!r}: must be one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - known
+    if unknown:
+        raise ConfigError(f"{family} model: unknown field(s) {sorted(unknown)}; accepted: {sorted(known)}")
+    return cls(**fields)
+
+
+_VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)$")
+
+
+def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) -> ModelConfig:
+    """`vit-p4-e256-l8-h2-m2`, `resnet18-cifar`, `resnet18-imagenet-pt`, `swin-tiny-ft`, `swin-small-scratch`."""
+    m = _VIT_NAME.match(name)
+    if m:
+        p, e, l, h, r = m.groups()
+        return ViTConfig(int(p), int(e), int(l), int(h), float(r.replace("p", ".")),
+                         image_size=image_size, num_classes=num_classes)
+    m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?$", name)
+    if m:
+        return ResNetConfig(m.group(1), bool(m.group(2)), num_classes=num_classes,
+                            image_size=224 if m.group(2) else image_size)
+    m = re.match(r"^swin-(tiny|small)-(ft|scratch)$", name)
+    if m:
+        return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
+    raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>, "
+                      "resnet18-{cifar,imagenet}[-pt] or swin-{tiny,small}-{ft,scratch}")
+
+
+def vit_grid(image_size: int = 32, num_classes: int = 100) -> list[ViTConfig]:
+    """The study's 32 ViT configurations: patch x dim x depth x heads x MLP ratio."""
+    return [ViTConfig(p, d, l, h, float(r), image_size=image_size, num_classes=num_classes)
+            for p in (4, 8) for d in (256, 512) for l in (4, 8) for h in (2, 4) for r in (2, 4)]
+
+
+def study_models(num_classes: int = 100) -> list[ModelConfig]:
+    """Every architecture of the study (no tiny test entries): the 32 ViTs, ResNet-18 both stems, Swin T/S."""
+    return [*vit_grid(num_classes=num_classes), ResNetConfig("cifar", num_classes=num_classes),
+            ResNetConfig("imagenet", num_classes=num_classes),
+            SwinConfig(SWIN_SHORT["tiny"], False, num_classes), SwinConfig(SWIN_SHORT["small"], False, num_classes)]
