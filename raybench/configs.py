@@ -271,3 +271,39 @@ def study_models(num_classes: int = 100) -> list[ModelConfig]:
     return [*vit_grid(num_classes=num_classes), ResNetConfig("cifar", num_classes=num_classes),
             ResNetConfig("imagenet", num_classes=num_classes),
             SwinConfig(SWIN_SHORT["tiny"], False, num_classes), SwinConfig(SWIN_SHORT["small"], False, num_classes)]
+
+
+# --- CLI flags shared by `raybench.train` and `raybench.complexity` -----------------------------------------
+
+def add_model_args(p) -> None:
+    p.add_argument("--model", choices=["vit", "resnet", "swin"],
+                   help="family, configured by the flags below (or give --name)")
+    p.add_argument("--name", help="a model name instead: vit-p4-e256-l8-h2-m2, resnet18-cifar, swin-tiny-ft, ...")
+    p.add_argument("--patch", type=int, default=8, help="ViT patch size (default: 8)")
+    p.add_argument("--dim", type=int, default=256, help="ViT embedding dim (default: 256)")
+    p.add_argument("--depth", type=int, default=4, help="ViT encoder blocks (default: 4)")
+    p.add_argument("--heads", type=int, default=2, help="ViT attention heads (default: 2)")
+    p.add_argument("--mlp-ratio", type=float, default=2.0, help="ViT MLP hidden / dim (default: 2)")
+    p.add_argument("--dropout", type=float, default=0.0, help="ViT dropout (default: 0)")
+    p.add_argument("--image-size", type=int, default=32, help="ViT/ResNet input side (default: 32)")
+    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar", help="ResNet stem (default: cifar)")
+    p.add_argument("--pretrained", action="store_true", help="ResNet: torchvision ImageNet weights (imagenet stem, 224 px)")
+    p.add_argument("--checkpoint", default=SWIN_SHORT["tiny"],
+                   help=f"Swin hub name or local save_pretrained folder (default: {SWIN_SHORT['tiny']})")
+    p.add_argument("--scratch", action="store_true", help="Swin: train from scratch, everything trainable")
+    p.add_argument("--num-classes", type=int, default=100, help="classes (default: 100)")
+
+
+def model_from_args(args) -> ModelConfig:
+    if args.name:
+        return parse_model_name(args.name, num_classes=args.num_classes, image_size=args.image_size)
+    if args.model == "vit":
+        return ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio, args.dropout,
+                         image_size=args.image_size, num_classes=args.num_classes)
+    if args.model == "resnet":
+        size = 224 if args.pretrained and args.image_size == 32 else args.image_size
+        stem = "imagenet" if args.pretrained else args.stem
+        return ResNetConfig(stem, args.pretrained, image_size=size, num_classes=args.num_classes)
+    if args.model == "swin":
+        return SwinConfig(args.checkpoint, finetune=not args.scratch, num_classes=args.num_classes)
+    raise ConfigError("no model given: pass --model vit|resnet|swin (with its flags) or --name NAME")

@@ -1,0 +1,244 @@
+"""Parameter counts and forward FLOPs per image, in closed form from a model config, with measured cross-checks.
+
+Convention: FLOPs = 2 x multiply-accumulates (MACs) of the matrix work: convolutions, linear layers and the
+attention matmuls (QK^T and AV). Element-wise work (norms, activations, softmax, residual adds, pooling,
+biases) is left out, as in `torch.utils.flop_counter.FlopCounterMode`, which the tests hold the formulas to.
+
+Nothing here loads pretrained weights: Swin figures come from the architecture config alone.
+
+    python -m raybench.complexity --model vit --patch 8 --dim 256 --depth 4 --heads 2 --mlp-ratio 2 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+from raybench.configs import (SWIN_ARCHS, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
+                              add_model_args, model_from_args, parse_model_name, study_models)
+
+
+@dataclass(frozen=True)
+class Complexity:
+    name: str
+    params: int
+    trainable_params: int
+    flops: int  # forward FLOPs for one image (2 x MACs)
+    input_size: int
+    flops_by_part: dict = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+
+# --- ViT ------------------------------------------------------------------------------------------------
+
+def vit_complexity(c: ViTConfig) -> Complexity:
+    D, H, N, C, P = c.dim, c.mlp_hidden, c.num_patches, c.num_classes, c.patch
+    T = N + 1  # tokens: patches + class token
+    block_params = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * H + H) + (H * D + D)
+    params = (3 * P * P * D + D) + D + T * D + c.depth * block_params + 2 * D + (D * C + C)
+    macs = {
+        "embed": N * 3 * P * P * D,
+        "attn_qkv": c.depth * T * D * 3 * D,
+        "attn_matmul": c.depth * 2 * T * T * D,  # QK^T and AV, summed over heads
+        "attn_proj": c.depth * T * D * D,
+        "mlp": c.depth * 2 * T * D * H,
+        "head": D * C,
+    }
+    flops = {k: 2 * v for k, v in macs.items()}
+    return Complexity(c.name, params, params, sum(flops.values()), c.image_size, flops)
+
+
+# --- ResNet-18 (torchvision BasicBlock layout) -----------------------------------------------------------
+
+def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def resnet18_complexity(c: ResNetConfig) -> Complexity:
+    S = c.image_size
+    params, macs = 0, {"stem": 0, "blocks": 0, "downsample": 0, "head": 0}
+    if c.stem == "cifar":
+        S = _conv_out(S, 3, 1, 1)
+        macs["stem"] = S * S * 3 * 64 * 9
+        params += 3 * 64 * 9 + 2 * 64
+    else:
+        S = _conv_out(S, 7, 2, 3)
+        macs["stem"] = S * S * 3 * 64 * 49
+        params += 3 * 64 * 49 + 2 * 64
+        S = _conv_out(S, 3, 2, 1)  # max-pool
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for b in range(2):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            S_out = _conv_out(S, 3, stride, 1)
+            macs["blocks"] += S_out * S_out * 9 * (cin * cout + cout * cout)
+            params += 9 * (cin * cout + cout * cout) + 2 * 2 * cout
+            if stride != 1 or cin != cout:  # 1x1 projection shortcut + its BatchNorm
+                macs["downsample"] += S_out * S_out * cin * cout
+                params += cin * cout + 2 * cout
+            S, cin = S_out, cout
+    macs["head"] = 512 * c.num_classes
+    params += 512 * c.num_classes + c.num_classes
+    flops = {k: 2 * v for k, v in macs.items()}
+    trainable = params
+    return Complexity(c.name, params, trainable, sum(flops.values()), c.image_size, flops)
+
+
+# --- Swin (Hugging Face SwinForImageClassification layout) -----------------------------------------------
+
+def swin_arch(c: SwinConfig) -> dict:
+    """The architecture fields of a Swin config: built in for the study's checkpoints, else config.json."""
+    if c.checkpoint in SWIN_ARCHS:
+        return dict(SWIN_ARCHS[c.checkpoint])
+    from transformers import SwinConfig as HFSwinConfig
+    h = HFSwinConfig.from_pretrained(os.path.expanduser(c.checkpoint))
+    return dict(embed_dim=h.embed_dim, depths=tuple(h.depths), num_heads=tuple(h.num_heads),
+                window_size=h.window_size, patch_size=h.patch_size, image_size=h.image_size,
+                mlp_ratio=h.mlp_ratio)
+
+
+def swin_complexity(c: SwinConfig) -> Complexity:
+    a = swin_arch(c)
+    P, S, w0 = a["patch_size"], a["image_size"], a["window_size"]
+    C = a["embed_dim"]
+    R = S // P  # token grid side after patch embedding
+    params = (3 * P * P * C + C) + 2 * C  # patch conv + its LayerNorm
+    macs = {"embed": R * R * 3 * P * P * C, "attn_qkv": 0, "attn_matmul": 0, "attn_proj": 0, "mlp": 0,
+            "merge": 0, "head": 0}
+    n_stages = len(a["depths"])
+    for i, (depth, heads) in enumerate(zip(a["depths"], a["num_heads"])):
+        w = min(w0, R)  # HF shrinks the window to the resolution when the map is smaller than a window
+        Rp = math.ceil(R / w) * w  # attention runs on the map padded to whole windows
+        hidden = int(a["mlp_ratio"] * C)
+        N, Np = R * R, Rp * Rp
+        params += depth * (2 * C + (3 * C * C + 3 * C) + (2 * w - 1) ** 2 * heads + (C * C + C) + 2 * C
+                           + (C * hidden + hidden) + (hidden * C + C))
+        macs["attn_qkv"] += depth * Np * 3 * C * C
+        macs["attn_matmul"] += depth * 2 * Np * w * w * C
+        macs["attn_proj"] += depth * Np * C * C
+        macs["mlp"] += depth * 2 * N * C * hidden
+        if i < n_stages - 1:  # patch merging: LayerNorm(4C) + Linear(4C -> 2C, no bias)
+            params += 2 * 4 * C + 4 * C * 2 * C
+            R = (R + 1) // 2
+            macs["merge"] += R * R * 4 * C * 2 * C
+            C *= 2
+    head = C * c.num_classes + c.num_classes
+    params += 2 * C + head  # final LayerNorm + classifier
+    macs["head"] = C * c.num_classes
+    flops = {k: 2 * v for k, v in macs.items()}
+    return Complexity(c.name, params, head if c.finetune else params, sum(flops.values()), S, flops)
+
+
+def complexity(cfg: ModelConfig) -> Complexity:
+    if isinstance(cfg, ViTConfig):
+        return vit_complexity(cfg)
+    if isinstance(cfg, ResNetConfig):
+        return resnet18_complexity(cfg)
+    if isinstance(cfg, SwinConfig):
+        return swin_complexity(cfg)
+    raise TypeError(f"complexity: unsupported config {cfg!r}")
+
+
+# --- measured counts, for cross-checks --------------------------------------------------------------------
+
+def measure(model, input_size: int) -> dict:
+    """Counted on the built model: parameters, FlopCounterMode FLOPs and torchinfo mult-adds for one image.
+
+    FlopCounterMode counts 0 FLOPs for the fused CPU SDPA kernel, so attention is counted under the math
+    backend (which decomposes into counted matmuls); no module here takes nn.MultiheadAttention's eval fast
+    path (which FlopCounterMode partly misses), so eval mode is safe and keeps BatchNorm stats. torchinfo only sees
+    modules' own weights (Conv/Linear), so it misses the attention matmuls, which are functional calls."""
+    import torch
+    import torchinfo
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, input_size, input_size)
+    was_training = model.training
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    info = torchinfo.summary(model, input_data=x, verbose=0)
+    model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "flops": int(fc.get_total_flops()), "torchinfo_mult_adds": int(info.total_mult_adds)}
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raybench.complexity", description=(
+        "Closed-form parameters and forward FLOPs per image (FLOPs = 2 x MACs, attention matmuls included). "
+        "With no model given, prints every model of the study."))
+    p.add_argument("names", nargs="*", help="model names (vit-p4-e256-l8-h2-m2, resnet18-cifar, swin-tiny-ft) "
+                   "or experiment names/files (smoke, seed, full)")
+    add_model_args(p)
+    p.add_argument("--measure", action="store_true",
+                   help="also build each model and report FlopCounterMode FLOPs and torchinfo mult-adds")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    return p
+
+
+def _configs_from_args(args) -> list[ModelConfig]:
+    if args.model or args.name:
+        return [model_from_args(args)]
+    if not args.names:
+        return study_models(args.num_classes)
+    out: list[ModelConfig] = []
+    for n in args.names:
+        try:
+            out.append(parse_model_name(n, num_classes=args.num_classes, image_size=args.image_size))
+        except ConfigError:
+            from raybench.experiments import load_experiment  # an experiment name or file
+            seen = {c.name for c in out}
+            for spec in load_experiment(n).trials:
+                if spec.model.name not in seen:
+                    seen.add(spec.model.name)
+                    out.append(spec.model)
+    return out
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        configs = _configs_from_args(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for cfg in configs:
+        cx = complexity(cfg)
+        row = {"model": cx.name, "params": cx.params, "trainable_params": cx.trainable_params,
+               "flops": cx.flops, "gflops": round(cx.gflops, 4), "input_size": cx.input_size,
+               "flops_by_part": cx.flops_by_part}
+        if args.measure:
+            from raybench.models import build_model
+            m = measure(build_model(cfg, weights=False), cx.input_size)
+            row.update({f"measured_{k}": v for k, v in m.items()})
+        rows.append(row)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print("FLOPs = 2 x multiply-accumulates per image, forward pass; attention QK^T and AV included.")
+    head = f"{'model':<36}{'params':>14}{'trainable':>14}{'GFLOPs':>10}{'input':>7}"
+    if args.measure:
+        head += f"{'counted GFLOPs':>16}{'torchinfo GMACs':>17}"
+    print(head)
+    for r in rows:
+        line = f"{r['model']:<36}{r['params']:>14,}{r['trainable_params']:>14,}{r['gflops']:>10.3f}{r['input_size']:>7}"
+        if args.measure:
+            line += f"{r['measured_flops'] / 1e9:>16.3f}{r['measured_torchinfo_mult_adds'] / 1e9:>17.3f}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

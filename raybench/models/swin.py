@@ -1,0 +1,105 @@
+"""Swin Transformers from Hugging Face: pretrained with a new head and a frozen backbone, or from scratch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raybench.configs import SWIN_ARCHS, SwinConfig
+from raybench.models.hub import WeightsUnavailable, hf_offline, reachable
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class SwinClassifier(nn.Module):
+    """Images -> logits, like every raybench model; hides HF's output object from the trainer."""
+
+    def __init__(self, hf_model, frozen: bool):
+        super().__init__()
+        self.hf = hf_model
+        self.frozen = frozen
+        if frozen:
+            for p in self.hf.swin.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            # A frozen backbone stays in eval mode: no drop-path noise, and its features can be cached.
+            self.hf.swin.eval()
+        return self
+
+    def forward_features(self, x):  # (B, 3, S, S) -> (B, C) pooled
+        return self.hf.swin(pixel_values=x).pooler_output
+
+    def forward_head(self, f):
+        return self.hf.classifier(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _is_local(checkpoint: str) -> bool:
+    return Path(os.path.expanduser(checkpoint)).is_dir()
+
+
+def _hf_config(cfg: SwinConfig):
+    from transformers import SwinConfig as HFSwinConfig
+    if cfg.checkpoint in SWIN_ARCHS:
+        arch = SWIN_ARCHS[cfg.checkpoint]
+        return HFSwinConfig(**{**arch, "depths": list(arch["depths"]), "num_heads": list(arch["num_heads"])},
+                            num_labels=cfg.num_classes)
+    return HFSwinConfig.from_pretrained(os.path.expanduser(cfg.checkpoint), num_labels=cfg.num_classes)
+
+
+def load_pretrained(checkpoint: str, num_classes: int):
+    """`SwinForImageClassification.from_pretrained` with the classifier replaced for `num_classes`.
+
+    The local cache (or folder) is tried first; the network only when it can be reached, so an offline
+    machine fails in seconds with instructions instead of hanging in retries."""
+    from transformers import SwinForImageClassification
+    path = os.path.expanduser(checkpoint)
+    kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True)
+    if _is_local(path):
+        return SwinForImageClassification.from_pretrained(path, **kw)
+    try:
+        return SwinForImageClassification.from_pretrained(checkpoint, local_files_only=True, **kw)
+    except OSError:
+        pass
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if hf_offline() or not reachable(endpoint):
+        why = "HF_HUB_OFFLINE is set" if hf_offline() else f"{endpoint} cannot be reached"
+        raise WeightsUnavailable(
+            f"Swin weights {checkpoint!r} are not in the Hugging Face cache "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {why}. Provide them by: "
+            f"(1) downloading once where the network works (`python -c \"from transformers import "
+            f"SwinForImageClassification as S; S.from_pretrained('{checkpoint}')\"`) and pointing HF_HOME at "
+            f"that cache, or (2) passing a local folder written by save_pretrained as the checkpoint "
+            f"(`checkpoint: /path/to/swin` in the experiment file); HF_HUB_OFFLINE=1 skips the network.")
+    return SwinForImageClassification.from_pretrained(checkpoint, **kw)
+
+
+def preprocessing(checkpoint: str, hf_config) -> tuple[int, tuple, tuple]:
+    """(image_size, mean, std) the checkpoint was trained with, read from its preprocessor config when present."""
+    size, mean, std = int(hf_config.image_size), IMAGENET_MEAN, IMAGENET_STD
+    try:
+        from transformers import AutoImageProcessor
+        proc = AutoImageProcessor.from_pretrained(os.path.expanduser(checkpoint), local_files_only=True)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except Exception:
+        pass  # the microsoft/swin-* checkpoints use ImageNet statistics, and tiny test folders carry none
+    return size, mean, std
+
+
+def build_swin(cfg: SwinConfig, weights: bool = True) -> SwinClassifier:
+    """`weights=False` builds the same architecture with random weights (complexity checks need no download)."""
+    if cfg.finetune and weights:
+        hf = load_pretrained(cfg.checkpoint, cfg.num_classes)
+    else:
+        from transformers import SwinForImageClassification
+        hf = SwinForImageClassification(_hf_config(cfg))
+    model = SwinClassifier(hf, frozen=cfg.finetune)
+    model.input_size, model.mean, model.std = preprocessing(cfg.checkpoint, hf.config)
+    return model
