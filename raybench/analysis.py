@@ -8,8 +8,8 @@ error); the per-trial metrics (final/best accuracy, accuracy after 10 epochs, me
 from the epoch rows, because epochs.parquet is written as results arrive while trials.parquet may lag a report
 behind. A trial without epoch rows falls back to trials.parquet's own summary columns, and says so.
 
-Every sentence of the report's discussion comes from a function below that returns None when the run lacks the
-data for it, so a partial run gives a shorter report, never an invented one.
+Every sentence of the report's discussion comes from a function below that returns nothing when the run lacks
+the data for it, so a partial run gives a shorter report, never an invented one.
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-import matplotlib
 
 FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates, attention matmuls included"
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
-KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (embedding dim)", "depth": "depth (blocks)",
+KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (dim)", "depth": "depth (blocks)",
                "heads": "attention heads", "mlp_ratio": "MLP ratio"}
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s")
 OK, RUNNING = "ok", "running"  # any other status (diverged, oom, error) is a failed trial
@@ -85,13 +85,14 @@ def load_run(run_dir) -> Run:
     # The grid keys both files; dropping repeats anyway keeps a hand-merged folder from double counting.
     trials = trials.drop_duplicates("trial", keep="last").reset_index(drop=True)
     missing = []
-    if epochs_path.exists():
-        epochs = pd.read_parquet(epochs_path)
+    epochs = pd.read_parquet(epochs_path) if epochs_path.exists() else None
+    if epochs is not None and len(epochs):
         _require(epochs, EPOCH_COLUMNS, epochs_path)
         epochs = (epochs.drop_duplicates(["trial", "epoch"], keep="last")
                   .sort_values(["trial", "epoch"]).reset_index(drop=True))
-    else:
+    else:  # no file, or one without rows (nothing reported yet): no epoch rows
         epochs = pd.DataFrame({c: pd.Series(dtype="float64" if c != "trial" else "object") for c in EPOCH_COLUMNS})
+    if not epochs_path.exists():
         missing.append(f"epochs.parquet is missing from {run_dir}: no learning curves, and the per-trial "
                        "numbers are trials.parquet's summary columns")
     per_trial = _per_trial(trials, epochs, missing)
@@ -220,7 +221,7 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
     trials = run.per_trial[["trial", "model", "recipe", "seed", "status", "epochs_done", "epochs_planned",
                             "final_test_acc", "best_test_acc", "mean_epoch_time_s", "source", "error"]]
     return {"vit_resnet": vit_resnet, "swin": swin, "seeds": seeds.reset_index(drop=True),
-            "knob_effects": knob_effects(run), "recipes": recipe_pairs(run), "trials": trials}
+            "knob_effects": knob_effects(run), "recipes": recipe_pairs(run), "per_trial": trials}
 
 
 def table_titles(run: Run) -> dict[str, str]:
@@ -230,7 +231,7 @@ def table_titles(run: Run) -> dict[str, str]:
             "seeds": f"Configurations run with several seeds: mean and standard deviation across seeds ({d})",
             "knob_effects": f"Effect of each ViT knob, mean over matched configurations of the other knobs ({d})",
             "recipes": f"seed vs improved recipe, paired by model ({d})",
-            "trials": f"Every trial, its status and where its numbers come from ({d})"}
+            "per_trial": f"Every trial, its status and where its numbers come from ({d})"}
 
 
 def complete_vits(run: Run) -> pd.DataFrame:
@@ -393,47 +394,82 @@ def _point_label(run: Run, row) -> str:
 
 
 def _scatter(run: Run, df: pd.DataFrame, col: str, xlabel: str, log) -> Figure:
-    fig = _figure(9, 6)
+    more = max(0, len(df) - 20)  # the full grid has ~70 labelled points: give them room
+    fig = _figure(9 + more / 10, 6 + more / 15)
     ax = fig.add_subplot()
     if log is None:  # times span orders of magnitude once Swin at 224 px sits beside ViTs at 32 px
         log = df[col].max() / max(df[col].min(), 1e-12) > 20
         xlabel += " (log scale)" if log else ""
+    if log:
+        ax.set_xscale("log")
     for (family, recipe), g in df.groupby(["family", "recipe"]):
         ax.scatter(g[col], 100 * g["final_test_acc"], c=FAMILY_COLORS.get(family, "tab:gray"),
                    marker=RECIPE_MARKERS.get(recipe, "^"), s=36, label=f"{family}, {recipe} recipe", zorder=3)
-    for _, r in df.iterrows():
-        ax.annotate(_point_label(run, r), (r[col], 100 * r["final_test_acc"]), xytext=(4, 3),
-                    textcoords="offset points", fontsize=7)
     front = pareto_front(df, col)
     ax.plot(front[col], 100 * front["final_test_acc"], "k--", drawstyle="steps-post", lw=1, zorder=2,
-            label="Pareto front")
+            label="Pareto front (no other point cheaper and better)")
     ax.scatter(front[col], 100 * front["final_test_acc"], s=120, facecolors="none", edgecolors="k", zorder=4)
-    if log:
-        ax.set_xscale("log")
+    _label_points(fig, ax, df[col], 100 * df["final_test_acc"], [_point_label(run, r) for _, r in df.iterrows()])
     what = {"params_m": "parameters", "gflops": "FLOPs", "mean_epoch_time_s": "training time per epoch"}[col]
-    ax.set(xlabel=xlabel, ylabel="final test accuracy (%)",
-           title=f"Final test accuracy vs {what} ({run.label})")
+    ax.set(xlabel=xlabel, ylabel="final test accuracy (%)", title=f"Final test accuracy vs {what} ({run.label})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8)  # below the axes: no label hides under it
     return fig
 
 
+def _label_points(fig: Figure, ax, xs, ys, labels, fontsize: float = 7):
+    """Config names beside their points. A greedy pass nudges a label up or down (with a leader line) past
+    the labels already placed, so clustered configs stay legible without a label-placement dependency."""
+    ax.autoscale_view()
+    to_axes = ax.transScale + ax.transLimits  # data -> axes fraction, for the scale and limits set so far
+    pos = ax.get_position()
+    char_w = 0.6 * fontsize / 72 / (pos.width * fig.get_figwidth())
+    line_h = 1.3 * fontsize / 72 / (pos.height * fig.get_figheight())
+    gap = 7 / 72 / (pos.width * fig.get_figwidth())  # 7 pt between a point and its label: clears the front's ring
+    points = sorted(zip(to_axes.transform(np.c_[xs, ys]).tolist(), xs, ys, labels), key=lambda p: p[0])
+    r = 0.5 * gap  # the markers are obstacles too
+    placed = [(xa - r, ya - r, xa + r, ya + r) for (xa, ya), *_ in points]
+    for (xa, ya), x, y, label in points:
+        w = len(label) * char_w
+        left = xa + gap + w > 1  # no room on the right: put the label left of its point
+        x0 = xa - gap - w if left else xa + gap
+        for shift in (0.6, 1.6, -0.6, 2.6, -1.6, 3.6, -2.6, 4.6, -3.6):  # in lines; 0.6: just above the point
+            y0 = ya + (shift - 0.5) * line_h
+            if not any(x0 < bx1 and bx0 < x0 + w and y0 < by1 and by0 < y0 + line_h
+                       for bx0, by0, bx1, by1 in placed):
+                break
+        else:
+            shift, y0 = 0.6, ya + 0.1 * line_h
+        placed.append((x0, y0, x0 + w, y0 + line_h))
+        ax.annotate(label, (x, y), xytext=(-7 if left else 7, shift * 1.3 * fontsize), textcoords="offset points",
+                    fontsize=fontsize, ha="right" if left else "left", va="center",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="gray") if abs(shift) > 1 else None)
+
+
 def _curves(run: Run, family: str) -> Figure:
+    """One panel per recipe; legend in the order of the final accuracy, so it reads like the line ends."""
     trials = run.per_trial[run.per_trial["family"] == family]
     ep = run.epochs[run.epochs["trial"].isin(trials["trial"])]
-    n = ep["trial"].nunique()
-    fig = _figure(10 + 3 * (n > 20), 5.5)
-    ax = fig.add_subplot()
+    recipes = list(dict.fromkeys(trials.loc[trials["trial"].isin(ep["trial"]), "recipe"]))
+    widest = max((trials["recipe"] == r).sum() for r in recipes)
+    ncol = max(1, math.ceil(widest / 30))
+    fig = _figure(7 + 3 * ncol, 5 * len(recipes) + 0.5)
+    axes = fig.subplots(len(recipes), 1, sharex=True, squeeze=False)[:, 0]
     styles = {OK: "-", RUNNING: "--"}
-    for t in trials.itertuples():
-        rows = ep[ep["trial"] == t.trial]
-        if len(rows):
+    for ax, recipe in zip(axes, recipes):
+        mine = trials[trials["recipe"] == recipe].sort_values("final_test_acc", ascending=False)
+        mine = mine[mine["trial"].isin(ep["trial"])]
+        colors = matplotlib.colormaps["tab20" if len(mine) <= 20 else "turbo"](np.linspace(0, 1, max(len(mine), 2)))
+        for t, color in zip(mine.itertuples(), colors):
+            rows = ep[ep["trial"] == t.trial]
             label = t.trial if t.status == OK else f"{t.trial} ({t.status})"
-            ax.plot(rows["epoch"], 100 * rows["test_acc"], styles.get(t.status, ":"), marker=".", label=label)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
-           title=f"Test accuracy per epoch, {family} trials ({run.label}); dashed: running, dotted: failed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=max(1, math.ceil(n / 24)))
+            ax.plot(rows["epoch"], 100 * rows["test_acc"], styles.get(t.status, ":"), color=color, marker=".",
+                    label=label)
+        ax.set(ylabel="test accuracy (%)", title=f"{recipe} recipe")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=ncol)
+    axes[-1].set_xlabel("epoch")
+    fig.suptitle(f"Test accuracy per epoch, {family} trials ({run.label}); dashed: running, dotted: failed")
     return fig
 
 
@@ -441,23 +477,24 @@ def _knobs(run: Run, effects: pd.DataFrame) -> Figure:
     knobs = list(dict.fromkeys(effects["knob"]))
     panels = (("final_test_acc", "final test acc (%)", 100), ("params", "params (M)", 1e-6),
               ("gflops", "GFLOPs/img", 1), ("mean_epoch_time_s", "train time/epoch (s)", 1))
-    fig = _figure(13, 2.6 * len(knobs) + 0.6)
+    fig = _figure(13, 2.6 * len(knobs) + 0.8)
     axes = fig.subplots(len(knobs), len(panels), squeeze=False)
     for i, knob in enumerate(knobs):
         e = effects[effects["knob"] == knob]
         for j, (col, label, scale) in enumerate(panels):
-            ax = axes[i, j]
-            x = range(len(e))
-            ax.plot(x, scale * e[col], "o-")
-            for xi, y in zip(x, scale * e[col]):
-                ax.annotate(f"{y:.3g}", (xi, y), xytext=(0, 4), textcoords="offset points", fontsize=7, ha="center")
-            ax.set_xticks(list(x), [_num(v) for v in e["value"]])
-            ax.set(xlabel=f"{KNOB_LABELS[knob]} ({int(e['n_matched'].iloc[0])} matched configs each)",
-                   ylabel=label)
+            ax, x, y = axes[i, j], np.arange(len(e)), scale * e[col].to_numpy(dtype=float)
+            ax.plot(x, y, "o-")
+            for xi, yi in zip(x, y):
+                ax.annotate(f"{yi:.3g}", (xi, yi), xytext=(0, 4), textcoords="offset points", fontsize=7,
+                            ha="center")
+            ax.set_xticks(x, [_num(v) for v in e["value"]])
+            ax.set(xlabel=f"{KNOB_LABELS[knob]}, n={int(e['n_matched'].iloc[0])} each", ylabel=label)
             ax.margins(x=0.2, y=0.25)
+            if col != "final_test_acc":  # costs from zero, so a 1% difference does not look like 2x
+                ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"Effect of each ViT knob, mean over the other knobs ({run.label}; "
-                 f"GFLOPs: {FLOPS_NOTE})")
+    fig.suptitle(f"Effect of each ViT knob: mean over matched configurations of the other knobs ({run.label})\n"
+                 f"n = configurations per value; GFLOPs: {FLOPS_NOTE}")
     return fig
 
 
@@ -507,7 +544,7 @@ def _name(run: Run, row) -> str:
 
 def findings(run: Run) -> list[Finding]:
     """The discussion: each finding is computed here from the data, and absent when the data is."""
-    out = [best_vit_vs_resnet(run), *knob_findings(run), flops_finding(run), efficiency_finding(run),
+    out = [*best_vit_vs_resnet(run), *knob_findings(run), flops_finding(run), efficiency_finding(run),
            *swin_findings(run), recipe_finding(run), seed_noise_finding(run)]
     return [f for f in out if f is not None]
 
@@ -520,29 +557,30 @@ def _done(run: Run, family: str | None = None) -> pd.DataFrame:
     return c if family is None else c[c["family"] == family]
 
 
-def best_vit_vs_resnet(run: Run) -> Finding | None:
-    vit = _done(run, "vit")
-    if vit.empty:
-        return None
-    best = vit.loc[vit["final_test_acc"].idxmax()]
-    text = (f"Best ViT: {_name(run, best)} with {_acc(best)} final test accuracy after {int(best['epochs_planned'])} "
-            f"epochs ({best['params'] / 1e6:.2f}M params, {best['gflops']:.3g} GFLOPs/img).")
-    values = {"best_vit": best["model"], "best_vit_recipe": best["recipe"], "best_vit_acc": best["final_test_acc"]}
-    res = _done(run, "resnet")
-    same = res[res["recipe"] == best["recipe"]]  # compare under the same recipe when there is one
-    res = same if len(same) else res
-    if len(res):
-        r = res.loc[res["final_test_acc"].idxmax()]
-        gap = 100 * (r["final_test_acc"] - best["final_test_acc"])
-        who = f"ResNet-18 ({_name(run, r)}, {_acc(r)})"
-        if round(gap, 1) > 0:
-            text += f" {who} beats it by {gap:.1f} accuracy points."
-        elif round(gap, 1) < 0:
-            text += f" It beats {who} by {-gap:.1f} accuracy points."
-        else:
-            text += f" It ties {who} to 0.1 accuracy points."
-        values.update(resnet=r["model"], resnet_acc=r["final_test_acc"], gap_points=gap)
-    return Finding("best_vit", text, values)
+def best_vit_vs_resnet(run: Run) -> list[Finding]:
+    """Per recipe: the best completed ViT, and its gap to ResNet-18 trained with the same recipe."""
+    out = []
+    vits, resnets = _done(run, "vit"), _done(run, "resnet")
+    for recipe, vit in (vits.groupby("recipe", sort=False) if len(vits) else []):
+        best = vit.loc[vit["final_test_acc"].idxmax()]
+        text = (f"Best ViT ({recipe} recipe): {best['model']} with {_acc(best)} final test accuracy after "
+                f"{int(best['epochs_planned'])} epochs ({best['params'] / 1e6:.2f}M params, "
+                f"{best['gflops']:.3g} GFLOPs/img).")
+        values = {"best_vit": best["model"], "recipe": recipe, "best_vit_acc": best["final_test_acc"]}
+        res = resnets[resnets["recipe"] == recipe] if len(resnets) else resnets
+        if len(res):
+            r = res.loc[res["final_test_acc"].idxmax()]
+            gap = 100 * (r["final_test_acc"] - best["final_test_acc"])
+            who = f"ResNet-18 ({r['model']}, {_acc(r)})"
+            if round(gap, 1) > 0:
+                text += f" {who} beats it by {gap:.1f} accuracy points."
+            elif round(gap, 1) < 0:
+                text += f" It beats {who} by {-gap:.1f} accuracy points."
+            else:
+                text += f" It ties {who} to 0.1 accuracy points."
+            values.update(resnet=r["model"], resnet_acc=r["final_test_acc"], gap_points=gap)
+        out.append(Finding(f"best_vit_{recipe}", text, values))
+    return out
 
 
 def knob_findings(run: Run) -> list[Finding]:
@@ -554,12 +592,12 @@ def knob_findings(run: Run) -> list[Finding]:
         acc_lo, acc_hi = per["final_test_acc"][lo].mean(), per["final_test_acc"][hi].mean()
         ratio = {c: per[c][lo] / per[c][hi] for c in ("params", "gflops", "mean_epoch_time_s")}
         n = len(per)
-        d, k = 100 * (acc_hi - acc_lo), knob
-        text = (f"{KNOB_LABELS[knob].capitalize()}: {k} {_num(lo)} vs {_num(hi)}, mean over {n} matched "
+        d = 100 * (acc_hi - acc_lo)
+        text = (f"{KNOB_LABELS[knob].capitalize()}: {knob} {_num(lo)} vs {_num(hi)}, mean over {n} matched "
                 f"configuration(s) of the other knobs: {_pct(acc_lo)} vs {_pct(acc_hi)} final test accuracy "
-                f"({d:+.1f} points going to {_num(hi)}); {k} {_num(lo)} has "
+                f"({d:+.1f} points going to {_num(hi)}); {knob} {_num(lo)} has "
                 f"{_ratio(ratio['params'])} the params, {_ratio(ratio['gflops'])} the FLOPs and "
-                f"{_ratio(ratio['mean_epoch_time_s'])} the training time per epoch of {k} {_num(hi)}.")
+                f"{_ratio(ratio['mean_epoch_time_s'])} the training time per epoch of {knob} {_num(hi)}.")
         if knob == "patch":
             size = int(m["image_size"].iloc[0])
             text += (f" At {size} px, patch {_num(lo)} gives {(size // int(lo)) ** 2} patches per image and patch "
@@ -616,7 +654,8 @@ def efficiency_finding(run: Run) -> Finding | None:
     vit, res = _done(run, "vit"), _done(run, "resnet")
     if len(vit) and len(res):
         b, r = vit.loc[vit["final_test_acc"].idxmax()], res.loc[res["final_test_acc"].idxmax()]
-        text += (f" The best ViT gets {eff[b.name]:.2f} points per M params, ResNet-18 {eff[r.name]:.2f}.")
+        text += (f" The best ViT, {_name(run, b)}, gets {eff[b.name]:.2f} points per M params; ResNet-18, "
+                 f"{_name(run, r)}, {eff[r.name]:.2f}.")
     return Finding("efficiency", text, values)
 
 
@@ -675,9 +714,10 @@ def seed_noise_finding(run: Run) -> Finding | None:
     if multi.empty:
         return None
     std = 100 * multi["final_test_acc_std"]
+    spread = f"{std.min():.2f}" if f"{std.min():.2f}" == f"{std.max():.2f}" else f"{std.min():.2f} to {std.max():.2f}"
     text = (f"Seed noise: {len(multi)} configuration(s) ran with several seeds; the standard deviation of final "
-            f"test accuracy across seeds is {std.min():.2f} to {std.max():.2f} points, so single-seed gaps "
-            f"smaller than that are within noise.")
+            f"test accuracy across seeds is {spread} points, so single-seed gaps smaller than that are within "
+            f"noise.")
     return Finding("seeds", text, {"std_points_min": std.min(), "std_points_max": std.max()})
 
 
@@ -701,14 +741,12 @@ def caveats(run: Run) -> list[str]:
                  "epochs; trials sharing a GPU slow each other down.")
     versions = {c: sorted(set(pt[c].dropna().astype(str)) - {""}) for c in
                 ("torch_version", "ray_version", "transformers_version", "git_commit") if c in pt}
-    versions = [f"{c.replace('_version', '')} {', '.join(v)}" for c, v in versions.items() if v]
+    versions = [f"{c.replace('_version', '').replace('_', ' ')} {', '.join(v)}" for c, v in versions.items() if v]
     if versions:
         out.append("Versions: " + "; ".join(versions) + ".")
-    failed = pt[~pt["status"].isin([OK, RUNNING])]
-    for r in failed.itertuples():
-        out.append(f"Failed: {r.trial} ({r.status} after {r.epochs_done} epochs): {r.error or 'no message recorded'}")
     counts = pt["status"].value_counts()
     out.append("Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+               + (" (each failed or unfinished trial and its error: under What is missing)" if run.missing else "")
                + ". Only completed trials (status ok, every planned epoch recorded) enter the discussion, "
                  "the scatter plots and the knob effects; means are over seeds where n > 1.")
     return out
@@ -722,8 +760,9 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     plots = make_plots(run, out_dir) if plots is None else plots
     titles, tables = table_titles(run), summary_tables(run)
     lines = [f"# raybench analysis: {run.name} ({run.label})", "",
-             f"From `{run.path}`: {len(run.per_trial)} trial(s), {len(run.epochs)} epoch row(s). "
-             "Per-trial numbers are recomputed from epochs.parquet; see docs/analysis.md for how.", "",
+             f"From `{run.path}`: {len(run.per_trial)} trial(s), {len(run.epochs)} epoch row(s). Per-trial numbers "
+             "come from the epoch rows (trials.parquet's summary for a trial without any); docs/analysis.md says "
+             "how each figure is derived.", "",
              "## Caveats", "", *(f"- {c}" for c in caveats(run)), ""]
     if run.missing:
         lines += ["## What is missing", "", *(f"- {m}" for m in run.missing), ""]
@@ -736,6 +775,8 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
         if len(df):
             lines += [to_markdown(df, titles[name]), f"([{name}.parquet]({name}.parquet))", ""]
     lines += ["## Plots", ""]
+    if not any(p.suffix == ".png" for p in plots):
+        lines += ["(none: no epoch rows and no completed trial to plot yet)", ""]
     for p in plots:
         if p.suffix == ".png":
             lines += [f"![{p.stem}]({p.name}) ([SVG]({p.with_suffix('.svg').name}))", ""]

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random Swin saved with save_pretrained (the offline stand-in for the hub
+checkpoints), and a small synthetic dataset. Everything is generated here; nothing is downloaded."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the network: Hugging Face must answer from disk, and fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_swin_dir(tmp_path_factory):
+    """A 2-stage Swin for 32x32 images with random weights and a 10-class head, written by save_pretrained."""
+    import torch
+    from transformers import SwinConfig, SwinForImageClassification
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                     num_labels=10)
+    path = tmp_path_factory.mktemp("tiny-swin")
+    SwinForImageClassification(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic():
+    """10 classes, 2000/500 images: chance is 10%, and 500 test images make 30% a 15-sigma event."""
+    from raybench.data import synthetic
+    return synthetic(2000, 500, num_classes=10)

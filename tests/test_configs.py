@@ -1,0 +1,63 @@
+import pytest
+
+from raybench.configs import (ConfigError, DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig,
+                              default_recipe, parse_model_name, study_models, vit_grid)
+
+
+def test_names_follow_the_study():
+    assert ViTConfig(4, 256, 8, 2, 2).name == "vit-p4-e256-l8-h2-m2"
+    assert ViTConfig(8, 512, 4, 4, 4).name == "vit-p8-e512-l4-h4-m4"
+    assert ResNetConfig().name == "resnet18-cifar"
+    assert ResNetConfig("imagenet", True, image_size=224).name == "resnet18-imagenet-pt"
+    assert SwinConfig().name == "swin-tiny-ft"
+    assert SwinConfig("microsoft/swin-small-patch4-window7-224", finetune=False).name == "swin-small-scratch"
+
+
+def test_every_name_parses_back_to_its_config():
+    for cfg in study_models():
+        assert parse_model_name(cfg.name).name == cfg.name
+
+
+def test_the_vit_grid_has_32_distinct_configs():
+    names = [c.name for c in vit_grid()]
+    assert len(names) == len(set(names)) == 32
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(patch=5), "patch=5"),            # 5 does not divide 32
+    (dict(heads=3), "heads=3"),            # 3 does not divide 256
+    (dict(dim=0), "dim=0"),
+    (dict(depth=-1), "depth=-1"),
+    (dict(dropout=1.5), "dropout=1.5"),
+])
+def test_bad_vit_configs_name_the_field_and_value(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace("=", r".*=")):
+        ViTConfig(**kwargs)
+
+
+def test_bad_recipe_and_data_values_are_rejected():
+    with pytest.raises(ConfigError, match="optimizer='sgd'.*adam"):
+        Recipe(optimizer="sgd")
+    with pytest.raises(ConfigError, match="unknown \\['rotate'\\]"):
+        Recipe(augment=("crop", "rotate"))
+    with pytest.raises(ConfigError, match="name='imagenet'"):
+        DataSpec(name="imagenet")
+    with pytest.raises(ConfigError, match="stem='imagenet'"):
+        ResNetConfig(stem="cifar", pretrained=True)
+    with pytest.raises(ConfigError, match="model name 'vit-p4'"):
+        parse_model_name("vit-p4")
+
+
+def test_trial_specs_round_trip_through_plain_dicts():
+    for model in study_models()[::5]:
+        spec = TrialSpec(model, default_recipe("improved", model), DataSpec("synthetic", train_size=100), seed=3)
+        d = spec.to_dict()
+        assert TrialSpec.from_dict(d) == spec
+        assert all(isinstance(v, (str, int, float, bool, list, dict, type(None))) for v in d["recipe"].values())
+
+
+def test_swin_recipes_use_the_study_fine_tuning_settings():
+    r = default_recipe("seed", SwinConfig())
+    assert (r.batch_size, r.lr, r.epochs, r.optimizer) == (32, 2e-5, 3, "adam")
+    r = default_recipe("seed", ViTConfig())
+    assert (r.batch_size, r.lr, r.optimizer, r.schedule, r.augment) == (64, 1e-3, "adam", "constant", ())

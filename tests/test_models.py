@@ -1,0 +1,70 @@
+import time
+
+import pytest
+import torch
+
+from raybench.configs import ResNetConfig, SwinConfig, ViTConfig
+from raybench.models import WeightsUnavailable, build_model
+
+
+def test_fused_attention_matches_the_plain_softmax_path():
+    torch.manual_seed(0)
+    vit = build_model(ViTConfig(4, 64, 2, 4, 2.0)).eval()
+    attn = vit.blocks[0].attn
+    x = torch.randn(3, 65, 64)
+    torch.testing.assert_close(attn(x, fused=True), attn(x, fused=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [ViTConfig(8, 64, 1, 2, 2.0, num_classes=7), ResNetConfig(num_classes=7),
+                                 ResNetConfig("imagenet", num_classes=7)], ids=lambda c: c.name)
+def test_every_family_maps_images_to_logits(cfg):
+    model = build_model(cfg)
+    assert model(torch.zeros(2, 3, model.input_size, model.input_size)).shape == (2, 7)
+
+
+def test_swin_fine_tune_loads_through_from_pretrained_and_freezes_the_backbone(tiny_swin_dir):
+    model = build_model(SwinConfig(tiny_swin_dir, finetune=True, num_classes=100))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"hf.classifier.weight", "hf.classifier.bias"}
+    model.train()
+    assert not model.hf.swin.training  # frozen backbone stays deterministic
+    from transformers import SwinForImageClassification
+    saved = SwinForImageClassification.from_pretrained(tiny_swin_dir)
+    torch.testing.assert_close(model.hf.swin.embeddings.patch_embeddings.projection.weight,
+                               saved.swin.embeddings.patch_embeddings.projection.weight)
+
+
+def test_swin_from_scratch_trains_everything(tiny_swin_dir):
+    model = build_model(SwinConfig(tiny_swin_dir, finetune=False, num_classes=10))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_offline_hub_swin_fails_fast_with_instructions(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match="HF_HOME.*save_pretrained"):
+        build_model(SwinConfig("microsoft/swin-small-patch4-window7-224", finetune=True))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_offline_resnet_weights_fail_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match="TORCH_HOME"):
+        build_model(ResNetConfig("imagenet", pretrained=True, image_size=224))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_cached_resnet_weights_load_through_torchvision(monkeypatch, tmp_path):
+    """A weights file in torchvision's cache is used as is (the path users get after one download)."""
+    from torchvision.models import resnet18
+    from raybench.models.resnet import torchvision_weights_path
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = torchvision_weights_path()
+    path.parent.mkdir(parents=True)
+    reference = resnet18()
+    torch.save(reference.state_dict(), path)
+    model = build_model(ResNetConfig("imagenet", pretrained=True, image_size=224))
+    torch.testing.assert_close(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert model.fc.out_features == 100 and model.mean == pytest.approx((0.485, 0.456, 0.406))

@@ -1,0 +1,97 @@
+"""One trial per family on a small synthetic set (10 classes, chance 10%): test accuracy must end above 30%.
+With 500 test images, chance accuracy has standard deviation 1.3 points, so 30% is 15 sigma from luck."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raybench.configs import DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
+from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial
+
+CHANCE_BEATEN = 0.30
+
+
+def run(spec, data, **kw):
+    trial = Trial(spec, device="cpu", threads=2, dataset=data, **kw)
+    return trial, list(trial.epochs())
+
+
+def spec_for(model, epochs=3, **recipe):
+    r = dataclasses.replace(default_recipe("seed", model), epochs=epochs, **recipe)
+    return TrialSpec(model, r, DataSpec("synthetic", train_size=2000, test_size=500), seed=0)
+
+
+@pytest.mark.parametrize("model, recipe", [
+    (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {}),
+    # The ImageNet stem shrinks 32x32 inputs 4x before the first block: 15x fewer FLOPs than the CIFAR stem
+    # (same blocks, same head), which keeps this test at seconds on two CPU cores.
+    (ResNetConfig("imagenet", num_classes=10), {}),
+    # The tiny Swin's "pretrained" weights are random, so its frozen features are weaker than real ones:
+    # the head gets a larger learning rate than the study's 2e-5 to move in 3 short epochs.
+    ("swin-ft", {"lr": 3e-3}),
+    ("swin-scratch", {"lr": 1e-3}),
+], ids=["vit", "resnet18", "swin-ft", "swin-scratch"])
+def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, tiny_swin_dir):
+    if isinstance(model, str):
+        model = SwinConfig(tiny_swin_dir, finetune=model == "swin-ft", num_classes=10)
+    _, recs = run(spec_for(model, **recipe), small_synthetic)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert recs[-1]["status"] == STATUS_OK
+    assert recs[-1]["test_acc"] > CHANCE_BEATEN, recs
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_time_s", "eval_time_s",
+                "images_per_s", "peak_memory_mb", "lr"):
+        assert recs[-1][key] >= 0, key
+
+
+def test_same_seed_same_numbers_on_cpu(small_synthetic):
+    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=2, augment=("crop", "flip"))
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+    a = [[r[k] for k in keys] for r in run(spec, small_synthetic)[1]]
+    b = [[r[k] for k in keys] for r in run(spec, small_synthetic)[1]]
+    assert a == b
+
+
+def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(small_synthetic, tmp_path):
+    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, augment=("flip",),
+                    schedule="cosine", warmup_epochs=1.0, optimizer="adamw")
+    _, full = run(spec, small_synthetic)
+    first = Trial(spec, device="cpu", threads=2, dataset=small_synthetic)
+    it = first.epochs()
+    next(it)
+    first.save(tmp_path / "state.pt")  # loads back with weights_only=True
+    resumed = Trial(spec, device="cpu", threads=2, dataset=small_synthetic)
+    resumed.load(tmp_path / "state.pt")
+    rest = list(resumed.epochs())
+    assert [r["epoch"] for r in rest] == [2, 3]
+    assert [r["test_acc"] for r in rest] == [r["test_acc"] for r in full[1:]]
+    assert rest[-1]["train_loss"] == pytest.approx(full[-1]["train_loss"], rel=1e-6)
+
+
+def test_a_diverging_run_stops_with_status_diverged(small_synthetic):
+    _, recs = run(spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, lr=1e12), small_synthetic)
+    assert recs[-1]["status"] == STATUS_DIVERGED and "non-finite" in recs[-1]["error"]
+    assert len(recs) < 3
+
+
+def test_cli_prints_a_line_per_epoch():
+    r = subprocess.run([sys.executable, "-m", "raybench.train", "--model", "vit", "--patch", "8", "--dim", "32",
+                        "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--epochs", "2", "--dataset",
+                        "synthetic", "--train-size", "500", "--test-size", "100", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("epoch 1/2" in l for l in lines) == 1 and sum("epoch 2/2" in l for l in lines) == 1
+    recs = [json.loads(l) for l in lines if l.startswith("{")]
+    assert [x["epoch"] for x in recs] == [1, 2] and recs[-1]["device"] == "cpu"
+
+
+def test_cli_reports_bad_values_and_missing_data_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raybench.train", "--model", "vit", "--heads", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "heads=3" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "raybench.train", "--name", "resnet18-cifar", "--dataset",
+                        "cifar100", "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "CIFAR-100 is not in" in r.stderr and "Traceback" not in r.stderr
