@@ -20,8 +20,14 @@ SWIN_ARCHS: dict[str, dict[str, Any]] = {
         embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7, patch_size=4,
         image_size=224, mlp_ratio=4.0),
 }
+# A micro Swin for 32x32 inputs with *random* weights: the smoke experiment's offline stand-in for a
+# pretrained checkpoint. raybench writes it with save_pretrained on first use and loads it back through
+# from_pretrained, the same path the real checkpoints take; its "fine-tuned" results mean nothing.
+SWIN_MICRO = "raybench/swin-micro-random"
+SWIN_ARCHS[SWIN_MICRO] = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4, patch_size=2,
+                              image_size=32, mlp_ratio=4.0)
 SWIN_SHORT = {"tiny": "microsoft/swin-tiny-patch4-window7-224",
-              "small": "microsoft/swin-small-patch4-window7-224"}
+              "small": "microsoft/swin-small-patch4-window7-224", "micro": SWIN_MICRO}
 
 
 class ConfigError(ValueError):
@@ -253,11 +259,11 @@ def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) ->
     if m:
         return ResNetConfig(m.group(1), bool(m.group(2)), num_classes=num_classes,
                             image_size=224 if m.group(2) else image_size)
-    m = re.match(r"^swin-(tiny|small)-(ft|scratch)$", name)
+    m = re.match(r"^swin-(tiny|small|micro)-(ft|scratch)$", name)
     if m:
         return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
     raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>, "
-                      "resnet18-{cifar,imagenet}[-pt] or swin-{tiny,small}-{ft,scratch}")
+                      "resnet18-{cifar,imagenet}[-pt] or swin-{tiny,small,micro}-{ft,scratch}")
 
 
 def vit_grid(image_size: int = 32, num_classes: int = 100) -> list[ViTConfig]:

@@ -169,6 +169,7 @@ class Trial:
         or on running out of GPU memory."""
         device = device_name(self.device)
         while self.epoch < self.recipe.epochs:
+            started_at = time.time()
             try:
                 rec = self.train_epoch()
             except torch.cuda.OutOfMemoryError as e:
@@ -182,7 +183,7 @@ class Trial:
                                                        else STATUS_RUNNING)
             yield {"epoch": self.epoch, **rec, "peak_memory_mb": peak_memory_mb(self.device), "status": status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
-                   else "", "device": device}
+                   else "", "device": device, "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raybench.configs import SWIN_ARCHS, SwinConfig
+from raybench.configs import SWIN_ARCHS, SWIN_MICRO, SwinConfig
 from raybench.models.hub import WeightsUnavailable, hf_offline, reachable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -60,6 +60,10 @@ def load_pretrained(checkpoint: str, num_classes: int):
     The local cache (or folder) is tried first; the network only when it can be reached, so an offline
     machine fails in seconds with instructions instead of hanging in retries."""
     from transformers import SwinForImageClassification
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one bar per shard and per load buries the study's own progress lines
+    if checkpoint == SWIN_MICRO:
+        checkpoint = micro_checkpoint()
     path = os.path.expanduser(checkpoint)
     kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True)
     if _is_local(path):
@@ -81,11 +85,27 @@ def load_pretrained(checkpoint: str, num_classes: int):
     return SwinForImageClassification.from_pretrained(checkpoint, **kw)
 
 
+def micro_checkpoint() -> str:
+    """Folder of the random-weight micro Swin (see configs.SWIN_MICRO), written once with save_pretrained."""
+    from filelock import FileLock
+    from transformers import SwinForImageClassification
+    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench")) / "swin-micro-random"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # trials packed on one machine may race to write it
+        if not (root / "config.json").exists():
+            torch.manual_seed(0)
+            cfg = _hf_config(SwinConfig(SWIN_MICRO, finetune=False, num_classes=10))
+            SwinForImageClassification(cfg).save_pretrained(root)
+    return str(root)
+
+
 def preprocessing(checkpoint: str, hf_config) -> tuple[int, tuple, tuple]:
     """(image_size, mean, std) the checkpoint was trained with, read from its preprocessor config when present."""
     size, mean, std = int(hf_config.image_size), IMAGENET_MEAN, IMAGENET_STD
     try:
         from transformers import AutoImageProcessor
+        if checkpoint == SWIN_MICRO:
+            raise LookupError("random micro Swin: no preprocessor config")
         proc = AutoImageProcessor.from_pretrained(os.path.expanduser(checkpoint), local_files_only=True)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
     except Exception:

@@ -1,0 +1,192 @@
+"""Experiment files (`experiments/<name>.yaml`) into a list of TrialSpecs, validated before Ray starts.
+
+An experiment file is plain YAML:
+
+    name: seed
+    dataset: {name: cifar100}        # or a bare name; synthetic takes train_size / test_size
+    num_classes: 100
+    recipes: [seed]                  # every model runs under each recipe
+    seeds: [0]
+    epochs: 30                       # optional: overrides the recipes' epochs (Swin keeps its own unless set there)
+    recipe: {batch_size: 64}         # optional: overrides applied to every recipe
+    resources: {cpu: 1}              # optional: per-trial resources for every trial (gpu: a fraction)
+    models:
+      - vit-p8-e256-l4-h2-m2                                  # a model name
+      - {name: resnet18-cifar, resources: {gpu: 0.5}}         # a name with per-model settings
+      - {family: vit, patch: 4, dim: 64, depth: 2, heads: 2, mlp_ratio: 2}
+      - {grid: {family: vit, patch: [4, 8], dim: [256, 512]}} # every combination
+      - {name: swin-tiny-ft, recipe: {epochs: 3}}
+
+Errors name the file, the entry and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from raybench.configs import (FAMILIES, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig, TrialSpec,
+                              default_recipe, model_from_dict, parse_model_name)
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds", "epochs", "recipe", "resources",
+            "models"}
+ENTRY_KEYS = {"name", "family", "grid", "recipe", "resources", "epochs"}
+RESOURCE_KEYS = {"cpu", "gpu"}
+
+
+class ExperimentError(ValueError):
+    """An invalid experiment file; the message names the file, the entry and the field."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: str
+    trials: list[TrialSpec]
+    resources: dict[str, dict] = field(default_factory=dict)  # trial name -> {"cpu":..,"gpu":..} overrides
+    description: str = ""
+
+
+def builtin_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"experiment file {p} does not exist")
+        return p
+    builtin = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise FileNotFoundError(f"experiment {name_or_path!r}: not a file and not a built-in experiment "
+                                f"(built-in: {', '.join(builtin_experiments())})")
+    return builtin
+
+
+def _check_keys(where: str, d: dict, allowed: set) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ExperimentError(f"{where}: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
+
+
+def _resources(where: str, r) -> dict:
+    if r is None:
+        return {}
+    if not isinstance(r, dict):
+        raise ExperimentError(f"{where}: resources={r!r} must be a mapping like {{cpu: 1, gpu: 0.5}}")
+    _check_keys(f"{where} resources", r, RESOURCE_KEYS)
+    for k, v in r.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "gpu" and v > 1 and v != int(v)):
+            raise ExperimentError(f"{where}: resources.{k}={v!r} must be a number >= 0 "
+                                  "(gpu: a fraction <= 1 or a whole number)")
+    return dict(r)
+
+
+def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
+    if isinstance(entry, str):
+        return [parse_model_name(entry, num_classes=num_classes)]
+    if not isinstance(entry, dict):
+        raise ExperimentError(f"{where}: expected a model name or a mapping, got {entry!r}")
+    if "grid" in entry:
+        grid = dict(entry["grid"])
+        family = grid.pop("family", None)
+        if family not in FAMILIES:
+            raise ExperimentError(f"{where}: grid.family={family!r} must be one of {sorted(FAMILIES)}")
+        keys = list(grid)
+        values = [v if isinstance(v, list) else [v] for v in grid.values()]
+        return [model_from_dict(family, {"num_classes": num_classes, **dict(zip(keys, combo))})
+                for combo in itertools.product(*values)]
+    if "name" in entry and "family" not in entry:
+        return [parse_model_name(entry["name"], num_classes=num_classes)]
+    fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    family = entry.get("family")
+    if family not in FAMILIES:
+        raise ExperimentError(f"{where}: family={family!r} must be one of {sorted(FAMILIES)} (or give a name)")
+    return [model_from_dict(family, {"num_classes": num_classes, **fields})]
+
+
+def _recipe(where: str, name: str, model: ModelConfig, overrides: dict, epochs: int | None) -> Recipe:
+    r = default_recipe(name, model)
+    known = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    _check_keys(f"{where} recipe", overrides, known)
+    if epochs is not None:
+        r = dataclasses.replace(r, epochs=epochs)
+    return dataclasses.replace(r, **overrides)
+
+
+def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: str | None = None,
+                    data_dir: str | None = None, seeds: list[int] | None = None,
+                    train_size: int | None = None, test_size: int | None = None) -> Experiment:
+    """Read and validate an experiment; the keyword arguments are the CLI's overrides."""
+    path = resolve_path(name_or_path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ExperimentError(f"{path}: expected a mapping with a 'models' list")
+    try:
+        return _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size)
+    except ConfigError as e:
+        raise ExperimentError(f"{path}: {e}") from None
+
+
+def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -> Experiment:
+    _check_keys(str(path), doc, TOP_KEYS)
+    if not doc.get("models"):
+        raise ExperimentError(f"{path}: 'models' must be a non-empty list")
+    num_classes = int(doc.get("num_classes", 100))
+    data = doc.get("dataset", "synthetic")
+    data = {"name": data} if isinstance(data, str) else dict(data)
+    _check_keys(f"{path} dataset", data, {f.name for f in dataclasses.fields(DataSpec)})
+    if dataset:
+        data["name"] = dataset
+    for k, v in (("data_dir", data_dir), ("train_size", train_size), ("test_size", test_size)):
+        if v is not None:
+            data[k] = v
+    if data.get("data_dir"):  # trials run in Ray's own working folders: paths must be absolute
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+    data_spec = DataSpec(**data)
+    recipes = doc.get("recipes", ["seed"])
+    seed_list = seeds if seeds is not None else doc.get("seeds", [0])
+    if not isinstance(seed_list, list) or not all(isinstance(s, int) for s in seed_list) or not seed_list:
+        raise ExperimentError(f"{path}: seeds={seed_list!r} must be a non-empty list of integers")
+    top_epochs = epochs if epochs is not None else doc.get("epochs")
+    top_recipe = doc.get("recipe") or {}
+    top_res = _resources(f"{path}", doc.get("resources"))
+
+    trials, resources = [], {}
+    for i, entry in enumerate(doc["models"]):
+        where = f"{path}: models[{i}]" + (f" ({entry.get('name') or entry.get('family')})"
+                                          if isinstance(entry, dict) else f" ({entry})")
+        if isinstance(entry, dict):
+            _check_keys(where, entry, ENTRY_KEYS | {"checkpoint", "finetune", "patch", "dim", "depth", "heads",
+                                                    "mlp_ratio", "dropout", "image_size", "stem", "pretrained"})
+        try:
+            models = _entry_models(where, entry, num_classes)
+        except ConfigError as e:
+            raise ExperimentError(f"{where}: {e}") from None
+        entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}
+        entry_epochs = entry.get("epochs") if isinstance(entry, dict) else None
+        entry_res = _resources(where, entry.get("resources") if isinstance(entry, dict) else None)
+        for model in models:
+            for rname in recipes:
+                # Swin keeps its own short schedule unless the entry says otherwise: the study's 3 epochs.
+                ep = entry_epochs if entry_epochs is not None else (
+                    epochs if epochs is not None else (None if isinstance(model, SwinConfig) else top_epochs))
+                try:
+                    recipe = _recipe(where, rname, model, {**top_recipe, **entry_recipe}, ep)
+                except ConfigError as e:
+                    raise ExperimentError(f"{where}: {e}") from None
+                for seed in seed_list:
+                    spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1)
+                    if any(t.name == spec.name for t in trials):
+                        raise ExperimentError(f"{where}: trial {spec.name!r} appears twice")
+                    trials.append(spec)
+                    resources[spec.name] = {**top_res, **entry_res}
+    return Experiment(doc.get("name", path.stem), str(path), trials, resources, doc.get("description", ""))

@@ -1,0 +1,339 @@
+"""`python -m raybench.grid`: an experiment's trials as one Ray Tune run sharing GPUs, resumable, with
+results written to Parquet as they arrive and the analysis run at the end.
+
+    python -m raybench.grid                          # the smoke experiment, on what this machine has
+    python -m raybench.grid --experiment seed --gpus 4 --data-dir data
+    python -m raybench.grid --experiment full --address auto --storage-path s3://bucket/raybench
+    python -m raybench.grid --experiment seed --name seed-run1 --resume
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from raybench.configs import TrialSpec
+from raybench.experiments import Experiment, ExperimentError, builtin_experiments, load_experiment
+
+# Tune snapshots the experiment state every >= 10 s by default; a driver stopped sooner would restore to
+# the start and re-run finished trials. One second keeps --resume honest for short runs too.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# ... which makes Tune warn about frequent snapshots after every epoch; the frequency is deliberate.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+# --- the resource rule ------------------------------------------------------------------------------------
+# A trial's GPU fraction comes from its training compute per step, 3 x forward FLOPs x batch (forward plus
+# a backward of about twice the forward; a frozen backbone has no backward, so 1 x there): a step of
+# FULL_GPU_STEP_FLOPS or more gets a whole GPU, smaller ones the next power-of-two fraction above their
+# share, down to MIN_FRACTION. Fractions are powers of two so packed trials fill a GPU exactly. Tune does
+# not split GPU memory: on CUDA each trial caps its allocator at its fraction
+# (torch.cuda.set_per_process_memory_fraction), so a packed neighbour cannot starve it.
+FULL_GPU_STEP_FLOPS = 1e12
+MIN_FRACTION = 1 / 8
+
+
+def gpu_fraction(spec: TrialSpec) -> float:
+    from raybench.complexity import complexity
+    cx = complexity(spec.model)
+    passes = 1 if getattr(spec.model, "finetune", False) else 3
+    share = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
+    if share >= 1:
+        return 1.0
+    return max(MIN_FRACTION, 2.0 ** math.ceil(math.log2(share)))
+
+
+def trial_resources(spec: TrialSpec, gpus: float, cpus_per_trial: float, override: dict) -> dict:
+    """{"cpu": c, "gpu": g} for one trial: the rule above, the experiment's overrides, no GPU when gpus == 0."""
+    res = {"cpu": cpus_per_trial, "gpu": gpu_fraction(spec) if gpus > 0 else 0.0}
+    res.update(override)
+    if gpus <= 0:
+        res["gpu"] = 0.0
+    return res
+
+
+# --- the trial, as Ray Tune runs it -----------------------------------------------------------------------
+
+def tune_trial(config: dict) -> None:
+    """Ray Tune function trainable: one TrialSpec, resumed from Tune's checkpoint when there is one,
+    reporting metrics and a checkpoint after every epoch."""
+    import ray
+    import torch
+    from ray import tune
+    from raybench.train import Trial
+
+    spec = TrialSpec.from_dict(config["trial"]["spec"])
+    res = config["trial"]["resources"]
+    use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(res["cpu"])))
+    if use_cuda and res["gpu"] < 1:
+        torch.cuda.set_per_process_memory_fraction(res["gpu"])
+    ckpt = tune.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            trial.load(Path(d) / "state.pt")
+    node_id = ray.get_runtime_context().get_node_id()
+    for rec in trial.epochs():
+        rec.update(node_id=node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())))
+        with tempfile.TemporaryDirectory() as d:
+            trial.save(Path(d) / "state.pt")
+            tune.report(rec, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raybench.grid", description=(
+        "Run an experiment's trials as one Ray Tune run. Results: <results-dir>/<run>/epochs.parquet and "
+        "trials.parquet, then the analysis (tables, plots, report.md)."))
+    p.add_argument("--experiment", default="smoke",
+                   help=f"built-in name ({', '.join(builtin_experiments())}) or a YAML file (default: smoke)")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs to use: without --address, start a local Ray with this many (logical on a machine "
+                        "without CUDA: a scheduling dry run, training on CPU); with --address, a cap on the "
+                        "GPUs the grid uses; 0 runs everything on CPU (default: the CUDA devices here)")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--cpus", type=int, help="CPUs for a local Ray (default: all of this machine's)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also its torch threads (default: 1)")
+    p.add_argument("--epochs", type=int, help="override every trial's epochs (default: the experiment's)")
+    p.add_argument("--dataset", choices=["synthetic", "cifar100", "imagefolder"],
+                   help="override the experiment's dataset (default: the experiment's)")
+    p.add_argument("--data-dir", help="CIFAR-100 copy / download folder, or an image folder root")
+    p.add_argument("--train-size", type=int, help="synthetic training images (default: the experiment's)")
+    p.add_argument("--test-size", type=int, help="synthetic test images (default: the experiment's)")
+    p.add_argument("--seeds", help="repeat every trial with these seeds: N (0..N-1) or a list '0,3,7' "
+                                   "(default: the experiment's)")
+    p.add_argument("--only", help="run the trials whose names match this pattern (glob, or a substring)")
+    p.add_argument("--results-dir", default="results", help="where run folders go (default: results)")
+    p.add_argument("--name", help="run name, the folder under --results-dir (default: <experiment>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run --name (default: the newest run of this experiment) where it stopped")
+    p.add_argument("--storage-path", help="Ray Tune storage for checkpoints: a folder or a URI such as "
+                                          "s3://bucket/prefix, which a multi-node cluster needs "
+                                          "(default: <results-dir>/<run>/ray)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a failed trial from its last checkpoint (default: 2)")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="address the local Ray dashboard binds to (default: 127.0.0.1; 0.0.0.0 exposes it, "
+                        "and with it job submission, to your network)")
+    p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")
+    return p
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise ExperimentError(f"--seeds={text!r}: expected a count N or a list like '0,3,7'") from None
+    if n < 1:
+        raise ExperimentError(f"--seeds={text!r}: the count must be >= 1")
+    return list(range(n))
+
+
+def select(exp: Experiment, pattern: str | None) -> Experiment:
+    if not pattern:
+        return exp
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    chosen = [t for t in exp.trials if fnmatch.fnmatch(t.name, glob)]
+    if not chosen:
+        raise ExperimentError(f"--only={pattern!r} matches no trial of {exp.name}: "
+                              f"{', '.join(t.name for t in exp.trials)}")
+    return dataclasses.replace(exp, trials=chosen)
+
+
+def validate_args(args) -> None:
+    checks = [("--gpus", args.gpus, lambda v: v >= 0), ("--cpus", args.cpus, lambda v: v >= 1),
+              ("--cpus-per-trial", args.cpus_per_trial, lambda v: v > 0), ("--epochs", args.epochs, lambda v: v >= 1),
+              ("--max-failures", args.max_failures, lambda v: v >= 0),
+              ("--train-size", args.train_size, lambda v: v >= 1), ("--test-size", args.test_size, lambda v: v >= 1)]
+    for flag, value, ok in checks:
+        if value is not None and not ok(value):
+            raise ExperimentError(f"{flag}={value}: out of range")
+    if args.gpus is not None and args.gpus > 1 and args.gpus != int(args.gpus):
+        raise ExperimentError(f"--gpus={args.gpus}: a fraction must be <= 1, else a whole number")
+    if args.resume and args.storage_path and "://" in args.storage_path and not args.name:
+        raise ExperimentError("--resume with a remote --storage-path needs --name")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def find_run(results_dir: Path, experiment: str) -> Path | None:
+    runs = [p.parent for p in results_dir.glob("*/experiment.json")
+            if json.loads(p.read_text()).get("experiment") == experiment]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def start_ray(args, gpus: float):
+    """Join the cluster at --address, or start a local Ray that listens on 127.0.0.1 only."""
+    import ray
+    if args.address:
+        ctx = ray.init(address=args.address, log_to_driver=False)
+    else:
+        # Without this, Ray 2.60 binds its services (GCS, raylet, object manager) on all interfaces.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ctx = ray.init(num_cpus=args.cpus, num_gpus=math.ceil(gpus), include_dashboard=not args.no_dashboard,
+                       dashboard_host=args.dashboard_host, log_to_driver=False)
+    return ctx
+
+
+def check_fits(exp: Experiment, resources: dict[str, dict], joined: bool) -> None:
+    """A trial asking for more than the cluster has stays PENDING forever: refuse before fit()."""
+    import ray
+    total = ray.cluster_resources()
+    have_gpu, have_cpu = total.get("GPU", 0), total.get("CPU", 0)
+    for name, r in resources.items():
+        if r["gpu"] > have_gpu or r["cpu"] > have_cpu:
+            msg = (f"trial {name} asks for {r['cpu']} CPU and {r['gpu']} GPU, but the cluster has "
+                   f"{have_cpu:g} CPU and {have_gpu:g} GPU")
+            if joined:  # an autoscaling cluster adds nodes when trials ask: warn, do not refuse
+                print(f"[grid] note: {msg} now; waiting for the autoscaler to add nodes", flush=True)
+                return
+            raise ExperimentError(msg + ": use --gpus 0 to train on CPU, or give the local Ray more with "
+                                        "--gpus / --cpus")
+
+
+def max_concurrent(resources: dict[str, dict], gpu_cap: float | None) -> int:
+    """On a cluster, --gpus N caps the GPUs in use: at most as many trials as the largest fractions fit in N."""
+    if gpu_cap is None:
+        return 0  # no cap
+    fractions = sorted((r["gpu"] for r in resources.values()), reverse=True)
+    if not fractions or fractions[0] == 0:
+        return 0
+    n, used = 0, 0.0
+    for f in fractions:
+        if used + f > gpu_cap + 1e-9:
+            break
+        used, n = used + f, n + 1
+    return max(1, n)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    t_start = time.time()
+    try:
+        validate_args(args)
+        exp = load_experiment(args.experiment, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir,
+                              seeds=parse_seeds(args.seeds), train_size=args.train_size, test_size=args.test_size)
+        exp = select(exp, args.only)
+        if args.address:  # a cluster: fractions unless --gpus 0; --gpus N caps the GPUs in use
+            gpus = 1.0 if args.gpus is None else args.gpus
+        elif args.gpus is None:
+            import torch
+            gpus = float(torch.cuda.device_count())
+        else:
+            gpus = args.gpus
+        resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}))
+                     for t in exp.trials}
+        results_dir = Path(args.results_dir).expanduser().resolve()
+        if args.resume:
+            run_dir = results_dir / args.name if args.name else find_run(results_dir, exp.name)
+            if run_dir is None or not (run_dir / "experiment.json").exists():
+                raise ExperimentError(f"--resume: no run of {exp.name!r} under {results_dir} "
+                                      f"(looked for {run_dir or results_dir / '*'}/experiment.json)")
+        else:
+            run_dir = results_dir / (args.name or f"{exp.name}-{datetime.now():%Y%m%d-%H%M%S}")
+            if (run_dir / "experiment.json").exists():
+                raise ExperimentError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
+                                      "or another --name")
+    except (ExperimentError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"[grid] experiment {exp.name} ({exp.path}): {len(exp.trials)} trials, "
+          f"{exp.trials[0].data.name} data" + (" (synthetic)" if exp.trials[0].data.name == "synthetic" else ""))
+    for t in exp.trials:
+        r = resources[t.name]
+        print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}")
+    if args.dry_run:
+        return 0
+    return run(args, exp, resources, run_dir, gpus, t_start)
+
+
+def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_start: float) -> int:
+    import ray
+    from ray import tune
+    from raybench.results import ResultsWriter, trial_rows
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = args.storage_path or str(run_dir)
+    tune_name = "ray" if not args.storage_path else run_dir.name
+    if not args.resume:
+        (run_dir / "experiment.json").write_text(json.dumps({
+            "experiment": exp.name, "path": exp.path, "args": vars(args), "git_commit": git_commit(),
+            "trials": {t.name: {"spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials}},
+            indent=1))
+    writer = ResultsWriter(run_dir, trial_rows(exp.trials, resources, git_commit()))
+
+    ctx = start_ray(args, gpus)
+    try:
+        dash = getattr(ctx, "dashboard_url", None)
+        if dash:
+            print(f"[grid] Ray dashboard: http://{dash}", flush=True)
+        try:
+            check_fits(exp, resources, joined=bool(args.address))
+        except ExperimentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        trainable = tune.with_resources(tune_trial, lambda config: config["trial"]["resources"])
+        tune_path = f"{storage.rstrip('/')}/{tune_name}"
+        if args.resume and tune.Tuner.can_restore(tune_path):
+            print(f"[grid] resuming {tune_path}", flush=True)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+        else:
+            cap = args.gpus if args.address else None
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([
+                    {"name": t.name, "spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials])},
+                tune_config=tune.TuneConfig(
+                    trial_name_creator=lambda t: t.config["trial"]["name"],
+                    trial_dirname_creator=lambda t: t.config["trial"]["name"],
+                    max_concurrent_trials=max_concurrent(resources, cap)),
+                run_config=tune.RunConfig(
+                    name=tune_name, storage_path=storage, callbacks=[writer], verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner.fit()
+    except KeyboardInterrupt:
+        print(f"[grid] interrupted: finished epochs are in {run_dir}; continue with --resume --name {run_dir.name}",
+              file=sys.stderr)
+        return 130
+    finally:
+        ray.shutdown()
+
+    summary = writer.summary()
+    print(summary, flush=True)
+    if not args.no_analysis:
+        try:
+            from raybench.analysis import analyse
+            report = analyse(run_dir)
+            print(f"[grid] report: {report}")
+        except Exception as e:  # the results are on disk either way; say why the report is missing
+            print(f"[grid] analysis failed ({type(e).__name__}: {e}); rerun: python -m raybench.analysis {run_dir}",
+                  file=sys.stderr)
+    print(f"[grid] {time.time() - t_start:.0f} s in all; results: {run_dir}")
+    return 0 if writer.all_ok() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

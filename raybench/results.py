@@ -1,0 +1,139 @@
+"""The run's Parquet files, written by a Ray Tune callback on the driver as results arrive.
+
+Every event re-reads the files, merges and rewrites them atomically (temporary file + rename): the state
+lives on disk, not in the callback, because Tune restores a callback as it was when the Tuner was built.
+Rows are keyed on (trial, epoch) and trial, so a retried or resumed trial that reports an epoch again
+replaces the row instead of adding one. See docs/results.md for the columns.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+from ray import tune
+
+from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
+
+EPOCH_COLUMNS = ["trial", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s",
+                 "eval_time_s", "images_per_s", "peak_memory_mb", "lr", "status", "device", "node_id", "gpu_ids",
+                 "pid", "started_at", "finished_at"]
+
+
+def versions() -> dict:
+    import ray
+    import torch
+    import transformers
+    return {"torch_version": torch.__version__, "ray_version": ray.__version__,
+            "transformers_version": transformers.__version__}
+
+
+def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str = "") -> list[dict]:
+    """One row per trial with everything known before training: config, complexity, resources, provenance."""
+    from raybench.complexity import complexity
+    rows, ver = [], versions()
+    for s in specs:
+        m, cx = s.model, complexity(s.model)
+        rows.append({
+            "trial": s.name, "model": m.name, "family": m.family, "recipe": s.recipe.name, "seed": s.seed,
+            "patch": m.patch if isinstance(m, ViTConfig) else None,
+            "dim": m.dim if isinstance(m, ViTConfig) else None,
+            "depth": m.depth if isinstance(m, ViTConfig) else None,
+            "heads": m.heads if isinstance(m, ViTConfig) else None,
+            "mlp_ratio": float(m.mlp_ratio) if isinstance(m, ViTConfig) else None,
+            "stem": m.stem if isinstance(m, ResNetConfig) else None,
+            "pretrained": bool(getattr(m, "pretrained", False) or getattr(m, "finetune", False)),
+            "finetune": bool(isinstance(m, SwinConfig) and m.finetune),
+            "params": cx.params, "trainable_params": cx.trainable_params, "flops": float(cx.flops),
+            "gflops": cx.gflops, "image_size": cx.input_size,
+            "batch_size": s.recipe.batch_size, "lr": s.recipe.lr, "optimizer": s.recipe.optimizer,
+            "epochs": s.recipe.epochs,
+            "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
+            "device": "", "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
+            "status": "pending", "error": "", "epochs_done": 0, "final_test_acc": math.nan,
+            "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
+            "total_time_s": math.nan, **ver, "git_commit": commit})
+    return rows
+
+
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class ResultsWriter(tune.Callback):
+    def __init__(self, run_dir: Path, initial_rows: list[dict]):
+        self.run_dir = Path(run_dir)
+        self.epochs_path, self.trials_path = self.run_dir / "epochs.parquet", self.run_dir / "trials.parquet"
+        self.start_times: dict[str, float] = {}
+        new = pd.DataFrame(initial_rows)
+        if self.trials_path.exists():  # a resumed run keeps what it learnt about its trials
+            old = pd.read_parquet(self.trials_path)
+            new = pd.concat([old, new[~new.trial.isin(old.trial)]], ignore_index=True)
+        write_atomic(new, self.trials_path)
+
+    # --- files ---
+    def _epochs(self) -> pd.DataFrame:
+        return pd.read_parquet(self.epochs_path) if self.epochs_path.exists() else pd.DataFrame(columns=EPOCH_COLUMNS)
+
+    def _update_trial(self, name: str, **fields) -> None:
+        trials = pd.read_parquet(self.trials_path)
+        i = trials.index[trials.trial == name]
+        ep = self._epochs()
+        ep = ep[ep.trial == name].sort_values("epoch")
+        if len(ep):
+            acc = ep.test_acc.astype(float)
+            at10 = ep.loc[ep.epoch == 10, "test_acc"]
+            fields.update(epochs_done=int(ep.epoch.max()), final_test_acc=float(acc.iloc[-1]),
+                          best_test_acc=float(acc.max()),
+                          test_acc_at_10=float(at10.iloc[0]) if len(at10) else math.nan,
+                          mean_epoch_time_s=float(ep.train_time_s.mean()),
+                          total_time_s=float((ep.train_time_s + ep.eval_time_s).sum()),
+                          device=str(ep.device.iloc[-1]))
+        for k, v in fields.items():
+            trials.loc[i, k] = v
+        write_atomic(trials, self.trials_path)
+
+    # --- Tune events ---
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        name = trial.config["trial"]["name"]
+        if "train_loss" in result:  # an epoch; an OOM record carries only its status
+            row = {k: result.get(k) for k in EPOCH_COLUMNS}
+            row["trial"] = name
+            ep = self._epochs()
+            ep = pd.concat([ep[~((ep.trial == name) & (ep.epoch == row["epoch"]))], pd.DataFrame([row])],
+                           ignore_index=True).sort_values(["trial", "epoch"])
+            write_atomic(ep.astype({"epoch": int}), self.epochs_path)
+            print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
+                  f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
+                  f"  ({row['device']})", flush=True)
+        status = result.get("status", "running")
+        self._update_trial(name, status=status, error=result.get("error", ""))
+        if status not in ("ok", "running"):
+            print(f"[grid] {name}: {status.upper()}: {result.get('error', '')}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        name = trial.config["trial"]["name"]
+        err = ""
+        if trial.error_file and Path(trial.error_file).exists():
+            lines = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()]
+            err = lines[-1] if lines else ""
+        self._update_trial(name, status="error", error=err[:2000])
+        print(f"[grid] {name}: ERROR: {err}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"[grid] {trial.config['trial']['name']}: failed, retrying from its last checkpoint", flush=True)
+
+    # --- the end ---
+    def summary(self) -> str:
+        t = pd.read_parquet(self.trials_path)
+        lines = [f"[grid] {len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items())]
+        for r in t.itertuples():
+            acc = "" if math.isnan(r.final_test_acc) else f"final test acc {100 * r.final_test_acc:5.1f}%"
+            lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}")
+        return "\n".join(lines)
+
+    def all_ok(self) -> bool:
+        return bool((pd.read_parquet(self.trials_path).status == "ok").all())
