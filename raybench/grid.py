@@ -321,8 +321,12 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
     finally:
         ray.shutdown()
 
-    summary = writer.summary()
-    print(summary, flush=True)
+    print(writer.summary(), flush=True)
+    unfinished = writer.unfinished()
+    if unfinished:  # Ctrl+C (SIGINT) ends fit() gracefully, with Tune's state saved
+        print(f"[grid] stopped with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); continue with: "
+              f"python -m raybench.grid --experiment {exp.path} --results-dir {args.results_dir} "
+              f"--name {run_dir.name} --resume", flush=True)
     if not args.no_analysis:
         try:
             from raybench.analysis import analyse

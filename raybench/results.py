@@ -135,5 +135,9 @@ class ResultsWriter(tune.Callback):
             lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}")
         return "\n".join(lines)
 
+    def unfinished(self) -> list[str]:
+        t = pd.read_parquet(self.trials_path)
+        return t.trial[t.status.isin(["pending", "running"])].tolist()
+
     def all_ok(self) -> bool:
         return bool((pd.read_parquet(self.trials_path).status == "ok").all())

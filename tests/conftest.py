@@ -29,3 +29,22 @@ def small_synthetic():
     """10 classes, 2000/500 images: chance is 10%, and 500 test images make 30% a 15-sigma event."""
     from raybench.data import synthetic
     return synthetic(2000, 500, num_classes=10)
+
+
+def run_grid(*args, timeout=600, env=None, **kw):
+    """`python -m raybench.grid ARGS` in a fresh process, as a user runs it."""
+    import subprocess
+    import sys
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "raybench.grid", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The README's main job: the smoke experiment, here with --gpus 2 on a machine without CUDA
+    (a scheduling dry run: Ray packs trials by their GPU fractions while they train on CPU)."""
+    results = tmp_path_factory.mktemp("results")
+    r = run_grid("--gpus", 2, "--results-dir", results, "--name", "smoke")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return results / "smoke", r.stdout

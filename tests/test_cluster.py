@@ -1,0 +1,248 @@
+"""Cluster files and the local autoscaling cluster.
+
+1. cluster.yaml and cluster-local.yaml pass Ray's own cluster-config validation, and a misspelt key fails it.
+2. cluster.yaml is safe by its own text: only SSH inbound, dashboard on 127.0.0.1, results on shared storage.
+3. (slow) The fake autoscaling cluster adds GPU worker nodes for Tune trials that ask for fractional GPUs,
+   listens on 127.0.0.1 only, and stops without leaving a process behind.
+
+`fake_cluster` is built on raybench.cluster's functions only, so another test can start one the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raybench.cluster import (ClusterConfigError, cluster_processes, is_loopback, listening_sockets,
+                              start_local_cluster, stop_local_cluster, validate_cluster_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = ["cluster.yaml", "cluster-local.yaml"]
+
+
+# --- 1. Ray's validation ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_file_passes_ray_validation(name):
+    config = validate_cluster_config(ROOT / name)
+    workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head must hold no GPU: trials belong on workers"
+    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers.values())
+    assert all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in workers.values()), \
+        "GPU workers start at zero and are added on demand"
+    assert config["idle_timeout_minutes"] > 0
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+@pytest.mark.parametrize("typo", [("idle_timeout_minutes:", "idle_timout_minutes:"),
+                                  ("max_workers:", "max_worker:")])
+def test_misspelt_key_fails_validation(name, typo, tmp_path):
+    text = (ROOT / name).read_text()
+    assert typo[0] in text
+    bad = tmp_path / name
+    bad.write_text(text.replace(typo[0], typo[1], 1))
+    with pytest.raises(ClusterConfigError, match=rf"{bad.name}.*{typo[1][:-1]}"):
+        validate_cluster_config(bad)
+
+
+def test_unreadable_or_foreign_yaml_is_named(tmp_path):
+    bad = tmp_path / "nope.yaml"
+    bad.write_text("just: [a, list]\n")
+    with pytest.raises(ClusterConfigError, match="nope.yaml"):
+        validate_cluster_config(bad)
+    with pytest.raises(ClusterConfigError, match="missing.yaml"):
+        validate_cluster_config(tmp_path / "missing.yaml")
+
+
+def test_fake_cluster_head_type_name_is_checked(tmp_path):
+    text = (ROOT / "cluster-local.yaml").read_text().replace("ray.head.default", "head")
+    bad = tmp_path / "local.yaml"
+    bad.write_text(text)
+    with pytest.raises(ClusterConfigError, match="ray.head.default"):
+        validate_cluster_config(bad)
+
+
+def test_cli_refuses_bad_local_cluster_arguments_before_starting_anything(tmp_path):
+    long_dir = "/tmp/" + "x" * 60
+    run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir", long_dir], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "at most" in run.stderr and not Path(long_dir).exists()
+    run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--config", "cluster.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "fake_multinode" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "raybench.cluster", "env-local", "--temp-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "no local cluster" in run.stderr
+
+
+def test_cli_validate():
+    ok = subprocess.run([sys.executable, "-m", "raybench.cluster", "validate", *CLUSTER_FILES], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("ok ") == 2
+
+
+# --- 2. cluster.yaml's safety, read from the file --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aws():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_only_ssh_is_open_inbound(aws):
+    rules = aws["provider"]["security_group"]["IpPermissions"]
+    assert rules, "the security group must be written out, not left to Ray's defaults"
+    for rule in rules:
+        assert (rule["FromPort"], rule["ToPort"], rule["IpProtocol"]) == (22, 22, "tcp")
+        cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])] + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
+        assert cidrs and not {"0.0.0.0/0", "::/0"} & set(cidrs), "SSH must be limited to a CIDR, not the world"
+    for name, node in aws["available_node_types"].items():
+        assert "SecurityGroupIds" not in node["node_config"], f"{name}: a group not described in this file"
+    assert aws.get("docker", {}) in ({}, None), "docker run options could publish ports"
+
+
+def test_dashboard_is_bound_to_loopback(aws):
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    everything = json.dumps(aws)
+    assert "0.0.0.0" not in everything
+    for port in ("8265", "10001", "6379"):  # never in the security group
+        assert port not in json.dumps(aws["provider"]["security_group"])
+
+
+def test_results_go_to_shared_storage_and_workers_can_write_there(aws):
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "s3://" in text and "--storage-path" in text, "the file must say where results and checkpoints go"
+    for name, node in aws["available_node_types"].items():
+        if name != aws["head_node_type"]:
+            assert "IamInstanceProfile" in node["node_config"], f"{name}: workers need S3 access for checkpoints"
+
+
+def test_nodes_run_the_project_and_its_pins(aws):
+    setup = " ".join(aws["setup_commands"])
+    assert "torch==2.14.1" in setup and "torchvision==0.29.1" in setup
+    assert "ray[default,tune]==2.60.0" in setup
+    assert "pip install -e ~/raybench" in setup
+    assert any(remote.endswith("/raybench") for remote in aws["file_mounts"])
+
+
+# --- 3. the local autoscaling cluster ----------------------------------------------------------------------------
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose raw command line or environment contains `text`: a check independent of
+    raybench.cluster.cluster_processes."""
+    needle, pids = text.encode(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in blob:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def fake_cluster():
+    """A fresh fake autoscaling cluster from cluster-local.yaml on free ports and its own short temp dir.
+
+    Teardown stops it (idempotent, so a test may stop it first) and fails if any of its processes remain.
+    """
+    temp = tempfile.mkdtemp(prefix="rbc-", dir="/tmp")
+    gcs, dashboard, client, agent = _free_ports(4)
+    cluster = start_local_cluster(ROOT / "cluster-local.yaml", gcs, temp, dashboard_port=dashboard,
+                                  client_port=client, agent_port=agent)
+    try:
+        yield cluster
+    finally:
+        stop_local_cluster(cluster)
+        assert cluster_processes(temp) == []
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# Runs in its own process with a clean environment, so pytest keeps no Ray connection and no Ray state.
+DRIVER = textwrap.dedent("""
+    import json, sys, time
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        time.sleep(2)
+        tune.report({"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()})
+
+    ray.init(address=sys.argv[1], logging_level="WARNING", log_to_driver=False)
+    start_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    t0 = time.monotonic()
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5, "gpu": 0.5}),
+                       param_space={"i": tune.grid_search([0, 1, 2, 3])},
+                       run_config=tune.RunConfig(storage_path=sys.argv[2], name="autoscale", verbose=0))
+    results = tuner.fit()
+    fit_s = time.monotonic() - t0
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    print("RESULT " + json.dumps({
+        "start_nodes": start_nodes, "nodes": nodes, "fit_s": fit_s,
+        "trials": [{"node_id": r.metrics.get("node_id"), "gpu_ids": r.metrics.get("gpu_ids"),
+                    "error": str(r.error) if r.error else None} for r in results]}))
+""")
+
+
+@pytest.mark.slow
+def test_fake_cluster_autoscales_gpu_workers_for_tune_trials(fake_cluster, tmp_path):
+    t0 = time.monotonic()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "LANG": "C.UTF-8", **fake_cluster.driver_env()}
+    run = subprocess.run([sys.executable, str(script), fake_cluster.address, str(tmp_path / "results")],
+                         env=env, capture_output=True, text=True, timeout=150)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, f"driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+
+    # Only the head (no GPU) existed; the autoscaler added GPU workers and the trials ran there.
+    assert len(out["start_nodes"]) == 1
+    trials = out["trials"]
+    assert len(trials) == 4 and not [t for t in trials if t["error"]], trials
+    trial_nodes = {t["node_id"] for t in trials}
+    assert not trial_nodes & set(out["start_nodes"]), "trials ran on a node that existed at start"
+    for node in trial_nodes:
+        assert out["nodes"][node].get("GPU", 0) >= 1, f"trial node {node} holds no GPU"
+    assert all(t["gpu_ids"] for t in trials), "each trial got a (logical) GPU"
+
+    # Every listening socket of the cluster, fake workers included, is on the loopback interface.
+    sockets = listening_sockets(fake_cluster.temp_dir)
+    assert sockets and all(is_loopback(ip) for _, _, ip, _ in sockets), sockets
+    assert any(port == int(fake_cluster.address.rsplit(":", 1)[1]) for *_, port in sockets)
+
+    # Stopping leaves none of the cluster's processes, and its GCS port is free again.
+    stop_local_cluster(fake_cluster)
+    assert cluster_processes(fake_cluster.temp_dir) == []
+    assert not listening_sockets(fake_cluster.temp_dir)
+    if Path("/proc").is_dir():
+        assert _pids_mentioning(fake_cluster.temp_dir) == []
+    print(f"\nfake cluster: {len(trial_nodes)} GPU worker node(s) {sorted(n[-5:] for n in trial_nodes)}, "
+          f"fit {out['fit_s']:.1f} s, test {time.monotonic() - t0:.1f} s, {len(sockets)} listeners on 127.0.0.1")

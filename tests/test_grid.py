@@ -1,0 +1,178 @@
+"""The grid end to end with real Ray on this machine: packing by GPU fractions, two nodes, a killed trial,
+a stopped driver and --resume, and bad input refused before anything starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import run_grid
+from raybench.experiments import load_experiment
+
+SMOKE = load_experiment("smoke")
+
+
+def test_smoke_grid_runs_every_trial_and_epoch(smoke_run):
+    run_dir, out = smoke_run
+    epochs, trials = pd.read_parquet(run_dir / "epochs.parquet"), pd.read_parquet(run_dir / "trials.parquet")
+    expected = {(t.name, e) for t in SMOKE.trials for e in range(1, t.recipe.epochs + 1)}
+    assert set(zip(epochs.trial, epochs.epoch)) == expected and len(epochs) == len(expected)
+    assert set(trials.trial) == {t.name for t in SMOKE.trials} and (trials.status == "ok").all()
+    assert (epochs.device == "cpu").all() and (trials.device == "cpu").all()  # no CUDA here: recorded
+    assert trials.synthetic.all() and (trials.gpu_fraction > 0).all()
+    # final/best accuracy in trials.parquet are the epoch rows' numbers
+    last = epochs.sort_values("epoch").groupby("trial").test_acc.last()
+    assert trials.set_index("trial").final_test_acc.to_dict() == last.to_dict()
+    assert "Ray dashboard: http://127.0.0.1:" in out
+    assert out.strip().splitlines()[-1].endswith(str(run_dir))
+    assert (run_dir / "analysis" / "report.md").stat().st_size > 0
+
+
+def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
+    run_dir, _ = smoke_run
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert trials.gpu_fraction.max() <= 0.5  # at least two fit on one GPU
+    spans = epochs.groupby("trial").agg(start=("started_at", "min"), end=("finished_at", "max"),
+                                        gpu=("gpu_ids", "first"))
+    overlapping = [(a, b) for a in spans.index for b in spans.index if a < b
+                   and spans.gpu[a] == spans.gpu[b] != ""
+                   and spans.start[a] < spans.end[b] and spans.start[b] < spans.end[a]]
+    assert overlapping, spans
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    """Head plus one worker node, each with one CPU: four one-CPU trials must use both.
+
+    The grid runs in this process: with two raylets on one machine, a driver started in another process
+    is taken for dead by the GCS (seen with Ray 2.60); on a real cluster each machine has one raylet."""
+    from ray.cluster_utils import Cluster
+    from raybench.grid import main
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-*", "--results-dir",
+                   str(tmp_path), "--name", "two-nodes", "--no-analysis"])
+        assert rc == 0
+    finally:
+        cluster.shutdown()
+    epochs = pd.read_parquet(tmp_path / "two-nodes" / "epochs.parquet")
+    assert epochs.node_id.nunique() == 2, epochs[["trial", "node_id"]]
+
+
+def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
+    path.write_text(json.dumps({  # JSON is YAML
+        "name": path.stem, "dataset": {"name": "synthetic", "train_size": train_size, "test_size": 200},
+        "num_classes": 10, "epochs": epochs, "models": models}))
+    return path
+
+
+def wait_for(cond, timeout=180, every=0.2):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met")
+
+
+def read_epochs(run_dir: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(run_dir / "epochs.parquet")
+    except (FileNotFoundError, OSError):
+        return pd.DataFrame(columns=["trial", "epoch", "pid"])
+
+
+def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
+    exp = write_experiment(tmp_path / "kill.yaml", ["vit-p4-e64-l2-h2-m2"], epochs=4, train_size=3000)
+    run_dir = tmp_path / "res" / "kill"
+    proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0",
+                             "--results-dir", str(tmp_path / "res"), "--name", "kill", "--no-analysis"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(read_epochs(run_dir)) >= 1)
+        first = read_epochs(run_dir)
+        time.sleep(0.5)  # into epoch 2
+        os.kill(int(first.pid.iloc[0]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    epochs = read_epochs(run_dir)
+    assert sorted(epochs.epoch) == [1, 2, 3, 4]  # each epoch exactly once
+    assert epochs.pid.nunique() == 2  # the retry ran in a new process, from the epoch-1 checkpoint
+    assert "retrying from its last checkpoint" in out
+    assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
+
+
+def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
+    exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
+                           epochs=4, train_size=3000)
+    run_dir = tmp_path / "res" / "stop"
+    args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "1",
+            "--results-dir", str(tmp_path / "res"), "--name", "stop", "--no-analysis"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def first_done_second_started():
+            e = read_epochs(run_dir)
+            done = e.groupby("trial").epoch.max().to_dict() if len(e) else {}
+            return done.get("vit-p8-e32-l1-h2-m2-seed") == 4 and "vit-p4-e64-l2-h2-m2-seed" in done
+        wait_for(first_done_second_started)
+        time.sleep(1.5)  # let Tune snapshot the finished trial (TUNE_GLOBAL_CHECKPOINT_S=1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    before = read_epochs(run_dir)
+    assert before.groupby("trial").epoch.max()["vit-p4-e64-l2-h2-m2-seed"] < 4, out[-2000:]
+    assert "--resume" in out
+
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = read_epochs(run_dir)
+    done_first = lambda e: e[e.trial == "vit-p8-e32-l1-h2-m2-seed"].sort_values("epoch")
+    # the finished trial was not run again: its rows are the very same reports
+    assert done_first(after)[["epoch", "pid", "finished_at"]].values.tolist() == \
+        done_first(before)[["epoch", "pid", "finished_at"]].values.tolist()
+    second = after[after.trial == "vit-p4-e64-l2-h2-m2-seed"]
+    assert sorted(second.epoch) == [1, 2, 3, 4]
+    assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"models": ["vit-p4-e256"]}, r"models\[0\].*vit-p4-e256"),
+    ({"models": [{"family": "vit", "patch": 5}]}, r"models\[0\].*patch=5"),
+    ({"models": [{"name": "resnet18-cifar", "resouces": {"gpu": 1}}]}, r"models\[0\].*resouces"),
+    ({"modles": ["resnet18-cifar"]}, r"modles"),
+    ({"models": ["resnet18-cifar"], "recipe": {"lr": -1}}, r"lr=-1"),
+])
+def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, content, message):
+    import re
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(content))
+    t0 = time.time()
+    r = run_grid("--experiment", path, "--results-dir", tmp_path / "res", timeout=60)
+    assert r.returncode == 2 and str(path) in r.stderr and re.search(message, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "-1"], "--gpus=-1"),
+    (["--experiment", "nope"], "built-in: full, seed, smoke"),
+    (["--only", "zzz"], "--only='zzz' matches no trial"),
+    (["--seeds", "two"], "--seeds='two'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--resume", "--name", "never-ran"], "--resume: no run"),
+])
+def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, args, message):
+    r = run_grid(*args, "--results-dir", tmp_path / "res", timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "res").exists()
