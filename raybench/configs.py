@@ -218,6 +218,7 @@ class TrialSpec:
     data: DataSpec = field(default_factory=DataSpec)
     seed: int = 0
     multi_seed: bool = False  # the experiment repeats trials over seeds: put the seed in the name
+    compile: bool = False  # torch.compile the model (compile time is reported apart from epoch time)
 
     @property
     def name(self) -> str:
@@ -226,12 +227,14 @@ class TrialSpec:
     def to_dict(self) -> dict:
         return {"family": self.model.family, "model": dataclasses.asdict(self.model),
                 "recipe": {**dataclasses.asdict(self.recipe), "augment": list(self.recipe.augment)},
-                "data": dataclasses.asdict(self.data), "seed": self.seed, "multi_seed": self.multi_seed}
+                "data": dataclasses.asdict(self.data), "seed": self.seed, "multi_seed": self.multi_seed,
+                "compile": self.compile}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
         return cls(model=model_from_dict(d["family"], d["model"]), recipe=Recipe(**d["recipe"]),
-                   data=DataSpec(**d["data"]), seed=int(d["seed"]), multi_seed=bool(d.get("multi_seed")))
+                   data=DataSpec(**d["data"]), seed=int(d["seed"]), multi_seed=bool(d.get("multi_seed")),
+                   compile=bool(d.get("compile", False)))
 
 
 def model_from_dict(family: str, fields: dict) -> ModelConfig:

@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -62,30 +61,46 @@ def trial_resources(spec: TrialSpec, gpus: float, cpus_per_trial: float, overrid
 
 # --- the trial, as Ray Tune runs it -----------------------------------------------------------------------
 
-def tune_trial(config: dict) -> None:
-    """Ray Tune function trainable: one TrialSpec, resumed from Tune's checkpoint when there is one,
-    reporting metrics and a checkpoint after every epoch."""
+def _tune_trainable():
+    """The Ray Tune trainable, built on first use so that importing raybench.grid does not import Ray."""
     import ray
     import torch
     from ray import tune
-    from raybench.train import Trial
+    from raybench.train import STATUS_RUNNING, Trial
 
-    spec = TrialSpec.from_dict(config["trial"]["spec"])
-    res = config["trial"]["resources"]
-    use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(res["cpu"])))
-    if use_cuda and res["gpu"] < 1:
-        torch.cuda.set_per_process_memory_fraction(res["gpu"])
-    ckpt = tune.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            trial.load(Path(d) / "state.pt")
-    node_id = ray.get_runtime_context().get_node_id()
-    for rec in trial.epochs():
-        rec.update(node_id=node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())))
-        with tempfile.TemporaryDirectory() as d:
-            trial.save(Path(d) / "state.pt")
-            tune.report(rec, checkpoint=tune.Checkpoint.from_directory(d))
+    class StudyTrial(tune.Trainable):
+        """One TrialSpec as a Tune class trainable: one `step` per epoch, Tune's checkpoints hold the
+        Trial's state, and `__repr__` is the trial name, which Ray shows for the actor in its dashboard
+        and log prefixes (a function trainable shows as `ImplicitFunc`)."""
+
+        def setup(self, config: dict):
+            spec = TrialSpec.from_dict(config["trial"]["spec"])
+            res = config["trial"]["resources"]
+            use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+            self.trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(res["cpu"])))
+            if use_cuda and res["gpu"] < 1:
+                torch.cuda.set_per_process_memory_fraction(res["gpu"])
+            self.node_id = ray.get_runtime_context().get_node_id()
+            self.records = None  # the epoch iterator starts at the first step, after any checkpoint load
+
+        def step(self) -> dict:
+            if self.records is None:
+                self.records = self.trial.epochs()
+            rec = next(self.records)
+            rec.update(node_id=self.node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())),
+                       done=rec["status"] != STATUS_RUNNING)
+            return rec
+
+        def save_checkpoint(self, checkpoint_dir: str):
+            self.trial.save(Path(checkpoint_dir) / "state.pt")
+
+        def load_checkpoint(self, checkpoint_dir: str):
+            self.trial.load(Path(checkpoint_dir) / "state.pt")
+
+        def __repr__(self):
+            return self.trial_name or "raybench-trial"
+
+    return StudyTrial
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
@@ -112,6 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="repeat every trial with these seeds: N (0..N-1) or a list '0,3,7' "
                                    "(default: the experiment's)")
     p.add_argument("--only", help="run the trials whose names match this pattern (glob, or a substring)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every trial's model; compile time is recorded apart from epoch time "
+                        "(default: off)")
     p.add_argument("--results-dir", default="results", help="where run folders go (default: results)")
     p.add_argument("--name", help="run name, the folder under --results-dir (default: <experiment>-<time>)")
     p.add_argument("--resume", action="store_true",
@@ -235,6 +253,8 @@ def main(argv=None) -> int:
         exp = load_experiment(args.experiment, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir,
                               seeds=parse_seeds(args.seeds), train_size=args.train_size, test_size=args.test_size)
         exp = select(exp, args.only)
+        if args.compile:
+            exp = dataclasses.replace(exp, trials=[dataclasses.replace(t, compile=True) for t in exp.trials])
         if args.address:  # a cluster: fractions unless --gpus 0; --gpus N caps the GPUs in use
             gpus = 1.0 if args.gpus is None else args.gpus
         elif args.gpus is None:
@@ -294,7 +314,7 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
         except ExperimentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        trainable = tune.with_resources(tune_trial, lambda config: config["trial"]["resources"])
+        trainable = tune.with_resources(_tune_trainable(), lambda config: config["trial"]["resources"])
         tune_path = f"{storage.rstrip('/')}/{tune_name}"
         if args.resume and tune.Tuner.can_restore(tune_path):
             print(f"[grid] resuming {tune_path}", flush=True)
@@ -312,7 +332,8 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
                 run_config=tune.RunConfig(
                     name=tune_name, storage_path=storage, callbacks=[writer], verbose=0,
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_frequency=1,
+                                                            checkpoint_at_end=True)))
         tuner.fit()
     except KeyboardInterrupt:
         print(f"[grid] interrupted: finished epochs are in {run_dir}; continue with --resume --name {run_dir.name}",
