@@ -207,8 +207,6 @@ def start_ray(args, gpus: float):
     if args.address:
         ctx = ray.init(address=args.address, log_to_driver=False)
     else:
-        # Without this, Ray 2.60 binds its services (GCS, raylet, object manager) on all interfaces.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ctx = ray.init(num_cpus=args.cpus, num_gpus=math.ceil(gpus), include_dashboard=not args.no_dashboard,
                        dashboard_host=args.dashboard_host, log_to_driver=False)
     return ctx
@@ -286,6 +284,10 @@ def main(argv=None) -> int:
         print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}")
     if args.dry_run:
         return 0
+    if not args.address and "ray" not in sys.modules:
+        # A local Ray of Ray 2.60 binds its GCS, raylet and agents on all interfaces unless this is off
+        # before `import ray` (it is read at import): then every service listens on 127.0.0.1 only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     return run(args, exp, resources, run_dir, gpus, t_start)
 
 
