@@ -417,6 +417,14 @@ def test_notebook_is_committed_without_outputs():
 
 
 def test_notebook_runs_top_to_bottom(run_dir, tmp_path, monkeypatch):
+    execute_notebook(run_dir, tmp_path, monkeypatch)
+
+
+def test_notebook_runs_on_the_results_of_a_smoke_run(smoke_run, tmp_path, monkeypatch):
+    execute_notebook(smoke_run[0], tmp_path, monkeypatch)
+
+
+def execute_notebook(run_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from ipykernel.kernelspec import write_kernel_spec
