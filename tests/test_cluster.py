@@ -19,6 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -184,54 +185,49 @@ def fake_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-# Runs in its own process with a clean environment, so pytest keeps no Ray connection and no Ray state.
-DRIVER = textwrap.dedent("""
-    import json, sys, time
+# Small drivers run in their own process with a clean environment, so pytest keeps no Ray connection.
+NODES = textwrap.dedent("""
+    import json, sys
     import ray
-    from ray import tune
-
-    def trainable(config):
-        time.sleep(2)
-        tune.report({"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()})
-
     ray.init(address=sys.argv[1], logging_level="WARNING", log_to_driver=False)
-    start_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    t0 = time.monotonic()
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5, "gpu": 0.5}),
-                       param_space={"i": tune.grid_search([0, 1, 2, 3])},
-                       run_config=tune.RunConfig(storage_path=sys.argv[2], name="autoscale", verbose=0))
-    results = tuner.fit()
-    fit_s = time.monotonic() - t0
-    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    print("RESULT " + json.dumps({
-        "start_nodes": start_nodes, "nodes": nodes, "fit_s": fit_s,
-        "trials": [{"node_id": r.metrics.get("node_id"), "gpu_ids": r.metrics.get("gpu_ids"),
-                    "error": str(r.error) if r.error else None} for r in results]}))
+    print("RESULT " + json.dumps({n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}))
 """)
 
 
+def _nodes(cluster, env, tmp_path) -> dict:
+    script = tmp_path / "nodes.py"
+    script.write_text(NODES)
+    run = subprocess.run([sys.executable, str(script), cluster.address], env=env, capture_output=True, text=True,
+                         timeout=60)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 @pytest.mark.slow
-def test_fake_cluster_autoscales_gpu_workers_for_tune_trials(fake_cluster, tmp_path):
+def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tmp_path):
+    """The smoke experiment through `python -m raybench.grid --address`, as docs/cluster.md runs it."""
     t0 = time.monotonic()
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
            "LANG": "C.UTF-8", **fake_cluster.driver_env()}
-    run = subprocess.run([sys.executable, str(script), fake_cluster.address, str(tmp_path / "results")],
-                         env=env, capture_output=True, text=True, timeout=150)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, f"driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    out = json.loads(lines[-1][len("RESULT "):])
+    start_nodes = _nodes(fake_cluster, env, tmp_path)
+    run = subprocess.run([sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--address",
+                          fake_cluster.address, "--gpus", "2", "--cpus-per-trial", "0.5", "--results-dir",
+                          str(tmp_path), "--name", "fake", "--no-analysis"],
+                         env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert run.returncode == 0, f"grid failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    epochs = pd.read_parquet(tmp_path / "fake" / "epochs.parquet")
+    trials = pd.read_parquet(tmp_path / "fake" / "trials.parquet")
+    nodes = _nodes(fake_cluster, env, tmp_path)
 
-    # Only the head (no GPU) existed; the autoscaler added GPU workers and the trials ran there.
-    assert len(out["start_nodes"]) == 1
-    trials = out["trials"]
-    assert len(trials) == 4 and not [t for t in trials if t["error"]], trials
-    trial_nodes = {t["node_id"] for t in trials}
-    assert not trial_nodes & set(out["start_nodes"]), "trials ran on a node that existed at start"
+    # Only the head (no GPU) existed; the autoscaler added GPU workers and every trial ran there.
+    assert len(start_nodes) == 1 and all(r.get("GPU", 0) == 0 for r in start_nodes.values())
+    assert (trials.status == "ok").all() and len(trials) == 7
+    trial_nodes = set(epochs.node_id)
+    assert not trial_nodes & set(start_nodes), "trials ran on a node that existed at start"
     for node in trial_nodes:
-        assert out["nodes"][node].get("GPU", 0) >= 1, f"trial node {node} holds no GPU"
-    assert all(t["gpu_ids"] for t in trials), "each trial got a (logical) GPU"
+        assert nodes.get(node, {}).get("GPU", 0) >= 1, f"trial node {node} holds no GPU"
+    assert (epochs.gpu_ids != "").all(), "each trial got a (logical) GPU"
 
     # Every listening socket of the cluster, fake workers included, is on the loopback interface.
     sockets = listening_sockets(fake_cluster.temp_dir)
@@ -245,4 +241,4 @@ def test_fake_cluster_autoscales_gpu_workers_for_tune_trials(fake_cluster, tmp_p
     if Path("/proc").is_dir():
         assert _pids_mentioning(fake_cluster.temp_dir) == []
     print(f"\nfake cluster: {len(trial_nodes)} GPU worker node(s) {sorted(n[-5:] for n in trial_nodes)}, "
-          f"fit {out['fit_s']:.1f} s, test {time.monotonic() - t0:.1f} s, {len(sockets)} listeners on 127.0.0.1")
+          f"test {time.monotonic() - t0:.1f} s, {len(sockets)} listeners on 127.0.0.1")
