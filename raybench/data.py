@@ -84,10 +84,25 @@ def synthetic(train_size: int = 50_000, test_size: int = 10_000, num_classes: in
 
 # --- CIFAR-100 --------------------------------------------------------------------------------------------
 
+def _cifar_root(data_dir: str | None) -> Path:
+    return Path(os.path.expanduser(data_dir or "data")).resolve()
+
+
+def _cifar_unavailable(root: Path, download: bool) -> DatasetUnavailable | None:
+    """Why CIFAR-100 can be neither read from `root` nor downloaded, or None when one of them will work."""
+    from raybench.models.hub import reachable
+    if (root / "cifar-100-python").is_dir() or (download and reachable(CIFAR_URL)):
+        return None
+    why = "downloads are off (download: false)" if not download else f"{CIFAR_URL} cannot be reached"
+    return DatasetUnavailable(
+        f"CIFAR-100 is not in {root} (expected {root / 'cifar-100-python'}) and {why}. "
+        f"Put an extracted copy of cifar-100-python.tar.gz there and pass --data-dir {root}, or run "
+        f"offline with --dataset synthetic.")
+
+
 def cifar100(data_dir: str | None, download: bool = True) -> Dataset:
     import torchvision
-    from raybench.models.hub import reachable
-    root = Path(os.path.expanduser(data_dir or "data")).resolve()
+    root = _cifar_root(data_dir)
 
     def load(dl: bool):
         return [torchvision.datasets.CIFAR100(str(root), train=t, download=dl) for t in (True, False)]
@@ -95,12 +110,9 @@ def cifar100(data_dir: str | None, download: bool = True) -> Dataset:
     try:
         train, test = load(False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted"
-        if not download or not reachable(CIFAR_URL):
-            why = "downloads are off (download: false)" if not download else f"{CIFAR_URL} cannot be reached"
-            raise DatasetUnavailable(
-                f"CIFAR-100 is not in {root} (expected {root / 'cifar-100-python'}) and {why}. "
-                f"Put an extracted copy of cifar-100-python.tar.gz there and pass --data-dir {root}, or run "
-                f"offline with --dataset synthetic.") from None
+        err = _cifar_unavailable(root, download) if not (root / "cifar-100-python").is_dir() else None
+        if err or not download:
+            raise err or DatasetUnavailable(f"CIFAR-100 in {root} is unreadable and downloads are off") from None
         print(f"[data] downloading CIFAR-100 into {root} ...", flush=True)
         train, test = load(True)
 
@@ -111,6 +123,21 @@ def cifar100(data_dir: str | None, download: bool = True) -> Dataset:
     return Dataset(train_x, train_y, test_x, test_y, 100, "cifar100", False)
 
 
+def check_available(spec: DataSpec) -> None:
+    """Raise DatasetUnavailable now if a trial could not load this data: a cheap look at the disk and the
+    network, so the grid refuses before it starts Ray instead of failing every trial."""
+    if spec.name == "cifar100":
+        err = _cifar_unavailable(_cifar_root(spec.data_dir), spec.download)
+        if err:
+            raise err
+    elif spec.name == "imagefolder":
+        root = Path(os.path.expanduser(spec.data_dir))
+        for split in ("train", "test"):
+            if not (root / split).is_dir():
+                raise DatasetUnavailable(f"image folder {root}: missing {root / split}/ "
+                                         "(expected train/<class>/* and test/<class>/*)")
+
+
 # --- the user's own images --------------------------------------------------------------------------------
 
 def image_folder(root: str, image_size: int = 32) -> Dataset:
@@ -118,10 +145,7 @@ def image_folder(root: str, image_size: int = 32) -> Dataset:
     import torchvision
     from torchvision.transforms import v2
     root_p = Path(os.path.expanduser(root))
-    for split in ("train", "test"):
-        if not (root_p / split).is_dir():
-            raise DatasetUnavailable(f"image folder {root_p}: missing {root_p / split}/ "
-                                     "(expected train/<class>/* and test/<class>/*)")
+    check_available(DataSpec("imagefolder", data_dir=root))
     tf = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
     splits = [torchvision.datasets.ImageFolder(str(root_p / s), transform=tf) for s in ("train", "test")]
     if splits[0].classes != splits[1].classes:

@@ -228,6 +228,24 @@ def check_fits(exp: Experiment, resources: dict[str, dict], joined: bool) -> Non
                                         "--gpus / --cpus")
 
 
+def preflight(exp: Experiment) -> list[str]:
+    """What would make trials fail at start (data or pretrained weights that cannot be had), found now."""
+    from raybench.data import DatasetUnavailable, check_available
+    from raybench.models import WeightsUnavailable, check_weights
+    problems = []
+    for data in dict.fromkeys(t.data for t in exp.trials):
+        try:
+            check_available(data)
+        except DatasetUnavailable as e:
+            problems.append(str(e))
+    for model in dict.fromkeys(t.model for t in exp.trials):
+        try:
+            check_weights(model)
+        except WeightsUnavailable as e:
+            problems.append(f"{model.name}: {e}")
+    return problems
+
+
 def max_concurrent(resources: dict[str, dict], gpu_cap: float | None) -> int:
     """On a cluster, --gpus N caps the GPUs in use: at most as many trials as the largest fractions fit in N."""
     if gpu_cap is None:
@@ -282,6 +300,12 @@ def main(argv=None) -> int:
     for t in exp.trials:
         r = resources[t.name]
         print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}")
+    problems = preflight(exp)
+    if problems and not args.address and not args.dry_run:
+        print("error: " + "\n".join(problems), file=sys.stderr)
+        return 2
+    for p in problems:  # on a cluster the workers may have what this machine lacks
+        print(f"[grid] warning: {p}", flush=True)
     if args.dry_run:
         return 0
     if not args.address and "ray" not in sys.modules:

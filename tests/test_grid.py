@@ -171,8 +171,23 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, conten
     (["--seeds", "two"], "--seeds='two'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--resume", "--name", "never-ran"], "--resume: no run"),
+    (["--experiment", "seed", "--data-dir", "/nonexistent/cifar"], "CIFAR-100 is not in /nonexistent/cifar"),
+    (["--experiment", "seed", "--dataset", "synthetic"], "swin-tiny-ft: Swin weights"),
 ])
 def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, args, message):
     r = run_grid(*args, "--results-dir", tmp_path / "res", timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "res").exists()
+
+
+def test_a_diverging_trial_is_recorded_and_the_others_go_on(tmp_path):
+    exp = write_experiment(tmp_path / "div.yaml", ["vit-p8-e32-l1-h2-m2",
+                                                   {"name": "vit-p8-e32-l2-h2-m2", "recipe": {"lr": 1e12}}],
+                           epochs=3, train_size=500)
+    r = run_grid("--experiment", exp, "--gpus", 0, "--results-dir", tmp_path / "res", "--name", "div",
+                 "--no-analysis")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # not every trial ok
+    trials = pd.read_parquet(tmp_path / "res" / "div" / "trials.parquet").set_index("trial")
+    assert trials.status.to_dict() == {"vit-p8-e32-l1-h2-m2-seed": "ok", "vit-p8-e32-l2-h2-m2-seed": "diverged"}
+    assert "non-finite training loss" in trials.error["vit-p8-e32-l2-h2-m2-seed"]
+    assert "DIVERGED" in r.stdout

@@ -15,7 +15,7 @@ CHANCE_BEATEN = 0.30
 
 
 def run(spec, data, **kw):
-    trial = Trial(spec, device="cpu", threads=2, dataset=data, **kw)
+    trial = Trial(spec, device="cpu", threads=1, dataset=data, **kw)
     return trial, list(trial.epochs())
 
 
@@ -58,11 +58,11 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(small_syntheti
     spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, augment=("flip",),
                     schedule="cosine", warmup_epochs=1.0, optimizer="adamw")
     _, full = run(spec, small_synthetic)
-    first = Trial(spec, device="cpu", threads=2, dataset=small_synthetic)
+    first = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
     it = first.epochs()
     next(it)
     first.save(tmp_path / "state.pt")  # loads back with weights_only=True
-    resumed = Trial(spec, device="cpu", threads=2, dataset=small_synthetic)
+    resumed = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
     resumed.load(tmp_path / "state.pt")
     rest = list(resumed.epochs())
     assert [r["epoch"] for r in rest] == [2, 3]

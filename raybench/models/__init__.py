@@ -30,3 +30,16 @@ def build_model(cfg: ModelConfig, weights: bool = True) -> nn.Module:
     else:
         raise TypeError(f"build_model: unsupported config {cfg!r}")
     return model
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Raise WeightsUnavailable now if building `cfg` would need pretrained weights that cannot be had."""
+    err = None
+    if isinstance(cfg, ResNetConfig) and cfg.pretrained:
+        from raybench.models.resnet import weights_unavailable
+        err = weights_unavailable()
+    elif isinstance(cfg, SwinConfig) and cfg.finetune:
+        from raybench.models.swin import hub_unavailable
+        err = hub_unavailable(cfg.checkpoint)
+    if err:
+        raise err

@@ -16,14 +16,22 @@ def torchvision_weights_path(weights=ResNet18_Weights.IMAGENET1K_V1) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
+def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1) -> WeightsUnavailable | None:
+    """Why the ImageNet weights can be neither read from torchvision's cache nor downloaded, else None."""
     path = torchvision_weights_path(weights)
     if not path.exists() and not reachable(weights.url):
         # torchvision would otherwise fail deep inside urllib; say what to do instead.
-        raise WeightsUnavailable(
+        return WeightsUnavailable(
             f"ResNet-18 ImageNet weights are not cached at {path} and {weights.url} cannot be reached. "
             f"Copy the file there (or set TORCH_HOME to a folder whose hub/checkpoints/ holds it), "
             f"or train from scratch with resnet18-cifar / resnet18-imagenet.")
+    return None
+
+
+def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
+    err = weights_unavailable(weights)
+    if err:
+        raise err
     # get_state_dict goes through torch.hub.load_state_dict_from_url, which loads with weights_only=True.
     return weights.get_state_dict(progress=False, check_hash=True)
 

@@ -72,17 +72,33 @@ def load_pretrained(checkpoint: str, num_classes: int):
         return SwinForImageClassification.from_pretrained(checkpoint, local_files_only=True, **kw)
     except OSError:
         pass
+    err = hub_unavailable(checkpoint)
+    if err:
+        raise err
+    return SwinForImageClassification.from_pretrained(checkpoint, **kw)
+
+
+def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
+    """Why `checkpoint` can be neither read from the cache nor downloaded, or None when it can be loaded."""
+    if checkpoint == SWIN_MICRO or _is_local(os.path.expanduser(checkpoint)):
+        return None
+    try:
+        from transformers import SwinConfig as HFSwinConfig
+        HFSwinConfig.from_pretrained(checkpoint, local_files_only=True)
+        return None  # cached (a partial cache still fails later, in from_pretrained, with HF's message)
+    except OSError:
+        pass
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if hf_offline() or not reachable(endpoint):
         why = "HF_HUB_OFFLINE is set" if hf_offline() else f"{endpoint} cannot be reached"
-        raise WeightsUnavailable(
+        return WeightsUnavailable(
             f"Swin weights {checkpoint!r} are not in the Hugging Face cache "
             f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {why}. Provide them by: "
             f"(1) downloading once where the network works (`python -c \"from transformers import "
             f"SwinForImageClassification as S; S.from_pretrained('{checkpoint}')\"`) and pointing HF_HOME at "
             f"that cache, or (2) passing a local folder written by save_pretrained as the checkpoint "
             f"(`checkpoint: /path/to/swin` in the experiment file); HF_HUB_OFFLINE=1 skips the network.")
-    return SwinForImageClassification.from_pretrained(checkpoint, **kw)
+    return None
 
 
 def micro_checkpoint() -> str:
