@@ -23,6 +23,9 @@ from raybench.configs import (ConfigError, DataSpec, Recipe, SwinConfig, TrialSp
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
 STATUS_RUNNING, STATUS_OK, STATUS_DIVERGED, STATUS_OOM = "running", "ok", "diverged", "oom"
+EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
+CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
+    "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float:
@@ -34,6 +37,16 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float
         return r.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return r.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
+    """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
+    to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
+    if not (spec.model.family == "swin" and getattr(spec.model, "finetune", False)):
+        return CACHE_OFF_NOT_FROZEN
+    if spec.recipe.augment:
+        return CACHE_OFF_AUGMENT
+    return CACHE_ON if enabled else CACHE_OFF_DISABLED
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -55,10 +68,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trial:
-    """Model, data, optimiser and RNG state of one trial; `epochs()` trains and yields a record per epoch."""
+    """Model, data, optimiser and RNG state of one trial; `epochs()` trains and yields a record per epoch.
+
+    `feature_cache=False` turns off the frozen-backbone feature cache (the uncached path, kept for the test
+    that the two agree); `compile` defaults to `spec.compile`."""
 
     def __init__(self, spec: TrialSpec, device: str | None = None, threads: int | None = None,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, feature_cache: bool = True, compile: bool | None = None):
         from raybench.models import build_model
         self.spec, self.recipe = spec, spec.recipe
         self.device = pick_device(device)
@@ -71,7 +87,7 @@ class Trial:
             self.spec = spec
         torch.manual_seed(spec.seed)
         self.model = build_model(spec.model).to(self.device)
-        if self.device.type == "cuda" and spec.model.family == "resnet":
+        if spec.model.family == "resnet":  # cuDNN and oneDNN convolutions both run faster in NHWC
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = data.to(self.device)
         mean, std = data.mean_std
@@ -86,6 +102,14 @@ class Trial:
         self.gen = torch.Generator(device=self.device).manual_seed(spec.seed)
         self.steps_per_epoch = math.ceil(len(data.train_y) / self.recipe.batch_size)
         self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
+        # Cached: the training steps and evaluation run the head on stored backbone features.
+        self.feature_cache = feature_cache_mode(spec, feature_cache)
+        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
+        self.compile = spec.compile if compile is None else bool(compile)
+        self.compiled = False  # warm-up done: every input shape of an epoch has its compiled graph
+        fwd = self.model.forward_head if self.feature_cache == CACHE_ON else self.model
+        # self.model stays the plain module: its state_dict keys and checkpoints do not change with compile.
+        self.forward = torch.compile(fwd) if self.compile else fwd
 
     # --- checkpoints (plain tensors and numbers: they load with weights_only=True) ---
     def state_dict(self) -> dict:
@@ -112,9 +136,78 @@ class Trial:
 
     def _batch(self, x, augment=()):
         x = prepare(x, self.mean, self.std, self.input_size, augment, self.gen)
-        if self.device.type == "cuda" and self.spec.model.family == "resnet":
+        if self.spec.model.family == "resnet":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _train_inputs(self, idx):
+        if self.features is not None:
+            return self.features[0][idx]
+        return self._batch(self.data.train_x[idx], self.recipe.augment)
+
+    def _test_inputs(self, s: int, e: int):
+        return self.features[1][s:e] if self.features is not None else self._batch(self.data.test_x[s:e])
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def cache_features(self) -> float:
+        """Backbone features of the training and test sets, computed once per Trial object (a resumed trial
+        recomputes them: they are not in checkpoints). Uses no RNG, so the cached and uncached paths draw the
+        same shuffles. Returns the seconds it took."""
+        self.model.eval()
+        self._sync()
+        t0 = time.perf_counter()
+        # A GPU is busiest with large batches; on CPU the training batch runs faster (it stays in cache).
+        B = EVAL_BATCH if self.device.type == "cuda" else self.recipe.batch_size
+        feats = []
+        for x in (self.data.train_x, self.data.test_x):
+            parts = []
+            for s in range(0, len(x), B):
+                with self._autocast():
+                    parts.append(self.model.forward_features(self._batch(x[s:s + B])))  # (B, C)
+            feats.append(torch.cat(parts))
+        self.features = (feats[0], feats[1])
+        self._sync()
+        return time.perf_counter() - t0
+
+    def compile_warm_up(self) -> float:
+        """Compile before the clock starts. One forward+backward per training batch shape (full and last
+        short batch) and one no-grad eval forward per test batch shape, on the first images without
+        augmentation. No optimiser step; gradients are dropped and the RNG states and buffers (BatchNorm
+        statistics) restored, so the run trains exactly as if the warm-up had not happened. The time
+        returned is compilation plus the compute of these few passes (a few steps' worth)."""
+        d, B = self.data, self.recipe.batch_size
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        self._sync()
+        t0 = time.perf_counter()
+        n, m = len(d.train_y), len(d.test_y)
+        self.model.train()
+        for b in sorted({min(B, n), n % B or min(B, n)}, reverse=True):
+            x = self.features[0][:b] if self.features is not None else self._batch(d.train_x[:b])  # no RNG
+            with self._autocast():
+                loss = F.cross_entropy(self.forward(x).float(), d.train_y[:b])
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
+        with torch.no_grad():
+            for b in sorted({min(EVAL_BATCH, m), m % EVAL_BATCH or min(EVAL_BATCH, m)}, reverse=True):
+                with self._autocast():
+                    self.forward(self._test_inputs(0, b))
+        self._sync()
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.compiled = True
+        return dt
 
     def train_epoch(self) -> dict:
         self.model.train()
@@ -130,9 +223,9 @@ class Trial:
             lr = lr_at(self.step, total_steps, self.steps_per_epoch, r)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            x, y = self._batch(d.train_x[idx], r.augment), d.train_y[idx]
+            x, y = self._train_inputs(idx), d.train_y[idx]
             with self._autocast():
-                logits = self.model(x)
+                logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,10 +246,10 @@ class Trial:
         d = self.data
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         t0 = time.perf_counter()
-        for s in range(0, len(d.test_y), 256):
-            x, y = self._batch(d.test_x[s:s + 256]), d.test_y[s:s + 256]
+        for s in range(0, len(d.test_y), EVAL_BATCH):
+            x, y = self._test_inputs(s, s + EVAL_BATCH), d.test_y[s:s + EVAL_BATCH]
             with self._autocast():
-                logits = self.model(x).float()
+                logits = self.forward(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         n = len(d.test_y)
@@ -166,11 +259,19 @@ class Trial:
 
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield one record each. Stops early, with its status, on divergence
-        or on running out of GPU memory."""
+        or on running out of GPU memory.
+
+        The first epoch this object trains also reports the one-off costs it paid before its clock started:
+        `cache_time_s` (the feature pass) and `compile_time_s` (the compile warm-up); later epochs report 0."""
         device = device_name(self.device)
         while self.epoch < self.recipe.epochs:
             started_at = time.time()
+            cache_s = compile_s = 0.0
             try:
+                if self.feature_cache == CACHE_ON and self.features is None:
+                    cache_s = self.cache_features()
+                if self.compile and not self.compiled:
+                    compile_s = self.compile_warm_up()
                 rec = self.train_epoch()
             except torch.cuda.OutOfMemoryError as e:
                 yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
@@ -181,7 +282,9 @@ class Trial:
             diverged = not math.isfinite(rec["train_loss"])
             status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
                                                        else STATUS_RUNNING)
-            yield {"epoch": self.epoch, **rec, "peak_memory_mb": peak_memory_mb(self.device), "status": status,
+            yield {"epoch": self.epoch, **rec, "cache_time_s": cache_s, "compile_time_s": compile_s,
+                   "feature_cache": self.feature_cache, "compiled": self.compile,
+                   "peak_memory_mb": peak_memory_mb(self.device), "status": status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
                    else "", "device": device, "started_at": started_at, "finished_at": time.time()}
             if diverged:
@@ -194,6 +297,8 @@ def progress_line(name: str, rec: dict, epochs: int) -> str:
     return (f"[{name}] epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.3f} acc "
             f"{100 * rec['train_acc']:.1f}%  test acc {100 * rec['test_acc']:.1f}%  "
             f"train {rec['train_time_s']:.1f}s ({rec['images_per_s']:.0f} img/s)  eval {rec['eval_time_s']:.1f}s"
+            + (f"  feature pass {rec['cache_time_s']:.1f}s" if rec.get("cache_time_s") else "")
+            + (f"  compile {rec['compile_time_s']:.1f}s" if rec.get("compile_time_s") else "")
             + ("" if rec["status"] in (STATUS_OK, STATUS_RUNNING) else f"  {rec['status'].upper()}: {rec['error']}"))
 
 
@@ -216,6 +321,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model; compile time is reported apart from epoch time (default: off)")
     p.add_argument("--json", action="store_true", help="also print each epoch record as a JSON line")
     return p
 
@@ -227,7 +334,7 @@ def spec_from_args(args) -> TrialSpec:
                  if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
     data = DataSpec(args.dataset, args.data_dir, args.train_size, args.test_size)
-    return TrialSpec(model, recipe, data, args.seed)
+    return TrialSpec(model, recipe, data, args.seed, compile=args.compile)
 
 
 def main(argv=None) -> int:
@@ -248,6 +355,10 @@ def main(argv=None) -> int:
         return 2
     print(f"[{spec.name}] device {device_name(trial.device)}, {len(trial.data.train_y)} train / "
           f"{len(trial.data.test_y)} test images" + (" (synthetic)" if trial.data.synthetic else ""), flush=True)
+    if trial.feature_cache != CACHE_OFF_NOT_FROZEN:
+        print(f"[{spec.name}] frozen backbone: feature cache {trial.feature_cache}"
+              + (" (augmented images differ every epoch)" if trial.feature_cache == CACHE_OFF_AUGMENT else ""),
+              flush=True)
     rec = {}
     for rec in trial.epochs():
         print(progress_line(spec.name, rec, spec.recipe.epochs), flush=True)

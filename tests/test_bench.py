@@ -1,0 +1,84 @@
+"""The benchmark runs and writes well-formed results. No timing assertions: speed varies by machine and load;
+docs/benchmarks.md records what was measured where."""
+import json
+import statistics
+
+import pandas as pd
+import pytest
+
+from raybench import bench
+from raybench.results import write_atomic
+
+TINY_VIT = "vit-p8-e32-l1-h2-m2"
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # swin-micro-ft: the frozen-backbone path, whose feature cache adds the raybench-head rows.
+    rc = bench.main(["--models", f"{TINY_VIT},swin-micro-ft", "--images", "128", "--repeats", "2", "--device",
+                     "cpu", "--threads", "2", "--warmup-batches", "1", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_bench_writes_json_parquet_and_markdown(tiny_bench):
+    result = json.loads((tiny_bench / "bench.json").read_text())
+    assert {"command", "machine", "args", "rows", "summary", "grid_overhead"} <= set(result)
+    assert result["machine"]["torch_version"] and result["machine"]["cpu_model"] is not None
+    rows = pd.read_parquet(tiny_bench / "bench.parquet")
+    for col in ("bench", "device", "model", "loop", "repeat", "batch_size", "images", "epoch_time_s", "images_per_s",
+                "cache_time_s", "compile_time_s", "feature_cache", "workers", "precision", "error", "torch_version"):
+        assert col in rows, col
+    assert (rows.error == "").all()
+    assert (rows.epoch_time_s > 0).all() and (rows.images_per_s > 0).all()
+    assert set(rows.loop) == {"reference", "raybench", "raybench-head"}
+    assert set(rows[rows.loop == "raybench-head"].model) == {"swin-micro-ft"}
+    assert (rows[(rows.model == "swin-micro-ft") & (rows.loop == "raybench")].cache_time_s > 0).all()
+    assert rows.groupby(["model", "loop"]).size().eq(2).all()
+    md = (tiny_bench / "bench.md").read_text()
+    assert "| cpu | " + TINY_VIT in md and "reference" in md and "raybench" in md
+
+
+def test_ratio_is_raybench_median_over_reference_median_from_the_same_rows(tiny_bench):
+    result = json.loads((tiny_bench / "bench.json").read_text())
+    rows = pd.read_parquet(tiny_bench / "bench.parquet")
+    for s in result["summary"]:
+        mine = rows[(rows.model == s["model"]) & (rows.loop == s["loop"])]
+        ref = rows[(rows.model == s["model"]) & (rows.loop == "reference")]
+        median = statistics.median(mine.images_per_s)
+        assert s["images_per_s_median"] == pytest.approx(median)
+        assert s["images_per_s_min"] <= s["images_per_s_median"] <= s["images_per_s_max"]
+        assert s["ratio_to_reference"] == pytest.approx(median / statistics.median(ref.images_per_s))
+
+
+def test_study_needs_cuda_and_bad_input_is_refused(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: --study would run the full-size study")
+    assert bench.main(["--study", "seed", "--out", "unused"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert bench.main(["--models", "vit-p3", "--out", "unused"]) == 2
+    assert "model name 'vit-p3'" in capsys.readouterr().err
+    assert bench.main(["--device", "tpu", "--out", "unused"]) == 2
+
+
+def test_grid_trial_times_sums_a_runs_epochs(tmp_path):
+    ep = pd.DataFrame({"trial": ["a", "a", "b"], "epoch": [1, 2, 1], "train_time_s": [1.0, 2.0, 3.0],
+                       "eval_time_s": [0.5, 0.5, 0.5], "cache_time_s": [0.25, 0.0, 0.0],
+                       "started_at": [100.0, 103.0, 101.0], "finished_at": [102.5, 106.0, 105.0]})
+    write_atomic(ep, tmp_path / "epochs.parquet")
+    t = bench.grid_trial_times(tmp_path)
+    assert (t["trials"], t["epochs"]) == (2, 3)
+    assert t["trial_time_s"] == pytest.approx(6.0 + 1.5 + 0.25)
+    assert t["compile_time_s"] == 0.0  # a run written without the column
+    assert t["epochs_window_s"] == pytest.approx(6.0)
+
+
+@pytest.mark.slow
+def test_grid_overhead_on_one_tiny_trial():
+    g = bench.grid_overhead("smoke", "vit-p8-e32-l1", 1.0)
+    assert g["grid"]["trials"] == g["sequential"]["trials"] == 1
+    assert g["grid"]["epochs"] == g["sequential"]["epochs"] == 2
+    assert g["grid_wall_s"] > g["grid"]["trial_time_s"] > 0 and g["sequential_wall_s"] > 0
+    assert g["grid_wall_over_sequential_wall"] == pytest.approx(g["grid_wall_s"] / g["sequential_wall_s"])
