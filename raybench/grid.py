@@ -212,20 +212,14 @@ def start_ray(args, gpus: float):
     return ctx
 
 
-def check_fits(exp: Experiment, resources: dict[str, dict], joined: bool) -> None:
-    """A trial asking for more than the cluster has stays PENDING forever: refuse before fit()."""
-    import ray
-    total = ray.cluster_resources()
-    have_gpu, have_cpu = total.get("GPU", 0), total.get("CPU", 0)
+def unfit(resources: dict[str, dict], have_cpu: float, have_gpu: float) -> str | None:
+    """Why a trial cannot be placed on a cluster with these resources, or None. Such a trial would stay
+    PENDING forever with nothing but log warnings, so the grid says so before fit()."""
     for name, r in resources.items():
         if r["gpu"] > have_gpu or r["cpu"] > have_cpu:
-            msg = (f"trial {name} asks for {r['cpu']} CPU and {r['gpu']} GPU, but the cluster has "
-                   f"{have_cpu:g} CPU and {have_gpu:g} GPU")
-            if joined:  # an autoscaling cluster adds nodes when trials ask: warn, do not refuse
-                print(f"[grid] note: {msg} now; waiting for the autoscaler to add nodes", flush=True)
-                return
-            raise ExperimentError(msg + ": use --gpus 0 to train on CPU, or give the local Ray more with "
-                                        "--gpus / --cpus")
+            return (f"trial {name} asks for {r['cpu']:g} CPU and {r['gpu']:g} GPU, but the cluster has "
+                    f"{have_cpu:g} CPU and {have_gpu:g} GPU")
+    return None
 
 
 def preflight(exp: Experiment) -> list[str]:
@@ -280,6 +274,11 @@ def main(argv=None) -> int:
             gpus = args.gpus
         resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}))
                      for t in exp.trials}
+        if not args.address:
+            msg = unfit(resources, args.cpus or os.cpu_count(), math.ceil(gpus))
+            if msg:
+                raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
+                                      "--gpus / --cpus (or lower the experiment's resources)")
         results_dir = Path(args.results_dir).expanduser().resolve()
         if args.resume:
             run_dir = results_dir / args.name if args.name else find_run(results_dir, exp.name)
@@ -335,11 +334,11 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
         dash = getattr(ctx, "dashboard_url", None)
         if dash:
             print(f"[grid] Ray dashboard: http://{dash}", flush=True)
-        try:
-            check_fits(exp, resources, joined=bool(args.address))
-        except ExperimentError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        if args.address:
+            total = ray.cluster_resources()
+            msg = unfit(resources, total.get("CPU", 0), total.get("GPU", 0))
+            if msg:  # an autoscaling cluster adds nodes when trials ask: say so, do not refuse
+                print(f"[grid] note: {msg} now; the trial waits for the autoscaler to add a node", flush=True)
         trainable = tune.with_resources(_tune_trainable(), lambda config: config["trial"]["resources"])
         tune_path = f"{storage.rstrip('/')}/{tune_name}"
         if args.resume and tune.Tuner.can_restore(tune_path):
