@@ -322,12 +322,13 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage_path or str(run_dir)
     tune_name = "ray" if not args.storage_path else run_dir.name
+    commit = git_commit()
     if not args.resume:
         (run_dir / "experiment.json").write_text(json.dumps({
-            "experiment": exp.name, "path": exp.path, "args": vars(args), "git_commit": git_commit(),
+            "experiment": exp.name, "path": exp.path, "args": vars(args), "git_commit": commit,
             "trials": {t.name: {"spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials}},
             indent=1))
-    writer = ResultsWriter(run_dir, trial_rows(exp.trials, resources, git_commit()))
+    writer = ResultsWriter(run_dir, trial_rows(exp.trials, resources, commit))
 
     ctx = start_ray(args, gpus)
     try:
@@ -345,6 +346,8 @@ def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_st
             print(f"[grid] resuming {tune_path}", flush=True)
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
         else:
+            if args.resume:  # stopped before Tune's first snapshot: the Parquet rows stay, trials start over
+                print(f"[grid] no Tune state to restore at {tune_path}; starting the trials again", flush=True)
             cap = args.gpus if args.address else None
             tuner = tune.Tuner(
                 trainable,
