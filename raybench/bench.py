@@ -82,23 +82,9 @@ def timing_config(cfg: ModelConfig) -> ModelConfig:
     if isinstance(cfg, ResNetConfig) and cfg.pretrained:
         return dataclasses.replace(cfg, pretrained=False)
     if isinstance(cfg, SwinConfig) and cfg.finetune and cfg.checkpoint in SWIN_ARCHS and cfg.checkpoint != SWIN_MICRO:
+        from raybench.models.swin import random_checkpoint
         return dataclasses.replace(cfg, checkpoint=random_checkpoint(cfg.checkpoint))
     return cfg
-
-
-def random_checkpoint(checkpoint: str) -> str:
-    """A save_pretrained folder of a built-in Swin architecture with random weights, written once."""
-    from filelock import FileLock
-    from transformers import SwinForImageClassification
-    from raybench.models.swin import _hf_config
-    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench"))
-    path = root / ("random-" + checkpoint.replace("/", "--"))
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "config.json").exists():
-            torch.manual_seed(0)
-            SwinForImageClassification(_hf_config(SwinConfig(checkpoint, finetune=False))).save_pretrained(path)
-    return str(path)
 
 
 def bench_spec(name: str, images: int, test_images: int, batch_size: int | None, compile: bool = False) -> TrialSpec:

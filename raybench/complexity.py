@@ -11,6 +11,7 @@ Nothing here loads pretrained weights: Swin figures come from the architecture c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -145,6 +146,38 @@ def complexity(cfg: ModelConfig) -> Complexity:
     raise TypeError(f"complexity: unsupported config {cfg!r}")
 
 
+# --- training memory, for the grid's GPU fractions ------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def activation_bytes_per_image(cfg: ModelConfig) -> int:
+    """Bytes autograd keeps for the backward pass per training image, measured: one forward of the built model
+    (random weights) at batch 2 and 4 with a hook on every saved tensor, in fp32 (bf16 autocast on CUDA keeps
+    about half). The difference divides out what does not grow with the batch (saved weights)."""
+    import torch
+    from raybench.models import build_model
+    model = build_model(cfg, weights=False).train()
+    size = complexity(cfg).input_size
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(batch, 3, size, size))
+        return total
+    return max(0, (saved(4) - saved(2)) // 2)
+
+
+def training_memory_bytes(cfg: ModelConfig, batch_size: int) -> int:
+    """Estimated peak training memory: fp32 weights, plus gradient and two Adam moments for the trainable ones,
+    plus the batch's saved activations."""
+    cx = complexity(cfg)
+    return 4 * (cx.params + 3 * cx.trainable_params) + batch_size * activation_bytes_per_image(cfg)
+
+
 # --- measured counts, for cross-checks --------------------------------------------------------------------
 
 def measure(model, input_size: int) -> dict:
@@ -195,8 +228,12 @@ def _configs_from_args(args) -> list[ModelConfig]:
     for n in args.names:
         try:
             out.append(parse_model_name(n, num_classes=args.num_classes, image_size=args.image_size))
-        except ConfigError:
-            from raybench.experiments import load_experiment  # an experiment name or file
+        except ConfigError as bad_name:
+            from raybench.experiments import load_experiment, resolve_path  # an experiment name or file
+            try:
+                resolve_path(n)
+            except FileNotFoundError:
+                raise ConfigError(f"{bad_name}; nor is {n!r} an experiment name or file") from None
             seen = {c.name for c in out}
             for spec in load_experiment(n).trials:
                 if spec.model.name not in seen:
@@ -209,7 +246,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         configs = _configs_from_args(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and ExperimentError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = []

@@ -122,7 +122,7 @@ class SwinConfig:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: must be a hub name "
                               f"({', '.join(SWIN_ARCHS)}) or a local folder")
-        if not self.finetune and self.checkpoint not in SWIN_ARCHS and not _looks_local(self.checkpoint):
+        if not self.finetune and self.checkpoint not in SWIN_ARCHS and not _is_model_folder(self.checkpoint):
             raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: from-scratch Swin needs a known "
                               f"architecture ({', '.join(SWIN_ARCHS)}) or a local folder with config.json")
 
@@ -138,8 +138,9 @@ class SwinConfig:
         return f"swin-{self.short}-" + ("ft" if self.finetune else "scratch")
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or "/" not in path
+def _is_model_folder(path: str) -> bool:
+    import os
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
 
 
 ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig]

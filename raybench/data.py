@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import DataSpec
+from raybench.configs import DataSpec, Recipe
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
@@ -43,8 +43,8 @@ class Dataset:
 
 
 def load_dataset(spec: DataSpec, num_classes: int | None = None, image_size: int = 32) -> Dataset:
-    if spec.name == "synthetic":
-        return synthetic(spec.train_size, spec.test_size, num_classes or 100, image_size)
+    if spec.name == "synthetic":  # CIFAR-sized like CIFAR itself: models that want more resize per batch
+        return synthetic(spec.train_size, spec.test_size, num_classes or 100)
     if spec.name == "cifar100":
         return cifar100(spec.data_dir, spec.download)
     return image_folder(spec.data_dir, image_size)
@@ -162,7 +162,7 @@ def image_folder(root: str, image_size: int = 32) -> Dataset:
 
 # --- batches on the device --------------------------------------------------------------------------------
 
-AUGMENTS = frozenset({"crop", "flip"})
+AUGMENTS = Recipe.AUGMENTS
 
 
 def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int | None = None,

@@ -35,6 +35,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds", "epochs", "recipe", "resources",
             "models"}
 ENTRY_KEYS = {"name", "family", "grid", "recipe", "resources", "epochs"}
+MODEL_FIELDS = {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)} - {"num_classes"}
 RESOURCE_KEYS = {"cpu", "gpu"}
 
 
@@ -93,6 +94,8 @@ def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
     if not isinstance(entry, dict):
         raise ExperimentError(f"{where}: expected a model name or a mapping, got {entry!r}")
     if "grid" in entry:
+        if not isinstance(entry["grid"], dict):
+            raise ExperimentError(f"{where}: grid={entry['grid']!r} must be a mapping of field -> list of values")
         grid = dict(entry["grid"])
         family = grid.pop("family", None)
         if family not in FAMILIES:
@@ -101,9 +104,12 @@ def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
         values = [v if isinstance(v, list) else [v] for v in grid.values()]
         return [model_from_dict(family, {"num_classes": num_classes, **dict(zip(keys, combo))})
                 for combo in itertools.product(*values)]
-    if "name" in entry and "family" not in entry:
-        return [parse_model_name(entry["name"], num_classes=num_classes)]
     fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    if "name" in entry and "family" not in entry:
+        base = parse_model_name(entry["name"], num_classes=num_classes)
+        # fields beside a name refine it (`{name: swin-tiny-ft, checkpoint: /path}`); the trial is named
+        # after the resulting config
+        return [model_from_dict(base.family, {**dataclasses.asdict(base), **fields})]
     family = entry.get("family")
     if family not in FAMILIES:
         raise ExperimentError(f"{where}: family={family!r} must be one of {sorted(FAMILIES)} (or give a name)")
@@ -132,16 +138,26 @@ def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: st
         raise ExperimentError(f"{path}: expected a mapping with a 'models' list")
     try:
         return _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size)
+    except ExperimentError:
+        raise
     except ConfigError as e:
         raise ExperimentError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type somewhere in the file
+        raise ExperimentError(f"{path}: a value has the wrong type ({type(e).__name__}: {e}); see the format "
+                              "at the top of raybench/experiments.py") from None
 
 
 def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -> Experiment:
     _check_keys(str(path), doc, TOP_KEYS)
     if not doc.get("models"):
         raise ExperimentError(f"{path}: 'models' must be a non-empty list")
-    num_classes = int(doc.get("num_classes", 100))
+    num_classes = doc.get("num_classes", 100)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ExperimentError(f"{path}: num_classes={num_classes!r} must be a positive integer")
     data = doc.get("dataset", "synthetic")
+    if not isinstance(data, (str, dict)):
+        raise ExperimentError(f"{path}: dataset={data!r} must be a name (synthetic, cifar100, imagefolder) "
+                              "or a mapping like {name: synthetic, train_size: 2000}")
     data = {"name": data} if isinstance(data, str) else dict(data)
     _check_keys(f"{path} dataset", data, {f.name for f in dataclasses.fields(DataSpec)})
     if dataset:
@@ -158,6 +174,10 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
         raise ExperimentError(f"{path}: seeds={seed_list!r} must be a non-empty list of integers")
     top_epochs = epochs if epochs is not None else doc.get("epochs")
     top_recipe = doc.get("recipe") or {}
+    if not isinstance(top_recipe, dict):
+        raise ExperimentError(f"{path}: recipe={top_recipe!r} must be a mapping of recipe fields, e.g. {{lr: 0.001}}")
+    if not isinstance(recipes, list) or not recipes:
+        raise ExperimentError(f"{path}: recipes={recipes!r} must be a list such as [seed, improved]")
     top_res = _resources(f"{path}", doc.get("resources"))
 
     trials, resources = [], {}
@@ -165,20 +185,22 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
         where = f"{path}: models[{i}]" + (f" ({entry.get('name') or entry.get('family')})"
                                           if isinstance(entry, dict) else f" ({entry})")
         if isinstance(entry, dict):
-            _check_keys(where, entry, ENTRY_KEYS | {"checkpoint", "finetune", "patch", "dim", "depth", "heads",
-                                                    "mlp_ratio", "dropout", "image_size", "stem", "pretrained"})
+            _check_keys(where, entry, ENTRY_KEYS | MODEL_FIELDS)
         try:
             models = _entry_models(where, entry, num_classes)
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
         entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}
+        if not isinstance(entry_recipe, dict):
+            raise ExperimentError(f"{where}: recipe={entry_recipe!r} must be a mapping of recipe fields")
         entry_epochs = entry.get("epochs") if isinstance(entry, dict) else None
         entry_res = _resources(where, entry.get("resources") if isinstance(entry, dict) else None)
         for model in models:
             for rname in recipes:
-                # Swin keeps its own short schedule unless the entry says otherwise: the study's 3 epochs.
-                ep = entry_epochs if entry_epochs is not None else (
-                    epochs if epochs is not None else (None if isinstance(model, SwinConfig) else top_epochs))
+                # --epochs wins; then the entry's; Swin keeps the study's 3 epochs over the file-wide value.
+                ep = epochs if epochs is not None else (
+                    entry_epochs if entry_epochs is not None else (
+                        None if isinstance(model, SwinConfig) else top_epochs))
                 try:
                     recipe = _recipe(where, rname, model, {**top_recipe, **entry_recipe}, ep)
                 except ConfigError as e:

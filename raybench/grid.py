@@ -30,29 +30,39 @@ os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 # --- the resource rule ------------------------------------------------------------------------------------
-# A trial's GPU fraction comes from its training compute per step, 3 x forward FLOPs x batch (forward plus
-# a backward of about twice the forward; a frozen backbone has no backward, so 1 x there): a step of
-# FULL_GPU_STEP_FLOPS or more gets a whole GPU, smaller ones the next power-of-two fraction above their
-# share, down to MIN_FRACTION. Fractions are powers of two so packed trials fill a GPU exactly. Tune does
-# not split GPU memory: on CUDA each trial caps its allocator at its fraction
+# A trial's GPU fraction is the larger of two shares, rounded up to a power of two between MIN_FRACTION and 1
+# (powers of two so packed trials fill a GPU exactly):
+# - compute: training FLOPs per step, 3 x forward FLOPs x batch (forward plus a backward of about twice the
+#   forward; 1 x for a frozen backbone), over FULL_GPU_STEP_FLOPS, a step that keeps a whole GPU busy;
+# - memory: estimated training memory (complexity.training_memory_bytes: weights, gradients, Adam moments and
+#   the batch's saved activations, measured in fp32) plus CUDA_OVERHEAD_BYTES, over the GPU's memory
+#   (--gpu-memory-gb; default the first CUDA device's, else 80 GB).
+# Tune does not split GPU memory: on CUDA each trial caps its allocator at its fraction
 # (torch.cuda.set_per_process_memory_fraction), so a packed neighbour cannot starve it.
 FULL_GPU_STEP_FLOPS = 1e12
+CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
+DEFAULT_GPU_MEMORY_GB = 80.0
 MIN_FRACTION = 1 / 8
 
 
-def gpu_fraction(spec: TrialSpec) -> float:
-    from raybench.complexity import complexity
+def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> float:
+    from raybench.complexity import complexity, training_memory_bytes
     cx = complexity(spec.model)
     passes = 1 if getattr(spec.model, "finetune", False) else 3
-    share = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
+    compute = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
+    memory = (training_memory_bytes(spec.model, spec.recipe.batch_size) + CUDA_OVERHEAD_BYTES) / (gpu_memory_gb * 1e9)
+    share = max(compute, memory)
     if share >= 1:
         return 1.0
     return max(MIN_FRACTION, 2.0 ** math.ceil(math.log2(share)))
 
 
-def trial_resources(spec: TrialSpec, gpus: float, cpus_per_trial: float, override: dict) -> dict:
+def trial_resources(spec: TrialSpec, gpus: float, cpus_per_trial: float, override: dict,
+                    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> dict:
     """{"cpu": c, "gpu": g} for one trial: the rule above, the experiment's overrides, no GPU when gpus == 0."""
-    res = {"cpu": cpus_per_trial, "gpu": gpu_fraction(spec) if gpus > 0 else 0.0}
+    res = {"cpu": cpus_per_trial, "gpu": 0.0}
+    if gpus > 0 and "gpu" not in override:
+        res["gpu"] = gpu_fraction(spec, gpu_memory_gb)
     res.update(override)
     if gpus <= 0:
         res["gpu"] = 0.0
@@ -117,6 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "GPUs the grid uses; 0 runs everything on CPU (default: the CUDA devices here)")
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--cpus", type=int, help="CPUs for a local Ray (default: all of this machine's)")
+    p.add_argument("--gpu-memory-gb", type=float,
+                   help="GPU memory the resource rule packs trials into (default: the first CUDA device's, "
+                        f"else {DEFAULT_GPU_MEMORY_GB:g})")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also its torch threads (default: 1)")
     p.add_argument("--epochs", type=int, help="override every trial's epochs (default: the experiment's)")
     p.add_argument("--dataset", choices=["synthetic", "cifar100", "imagefolder"],
@@ -148,6 +161,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def gpu_memory_gb() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    return DEFAULT_GPU_MEMORY_GB
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -175,7 +195,8 @@ def select(exp: Experiment, pattern: str | None) -> Experiment:
 
 def validate_args(args) -> None:
     checks = [("--gpus", args.gpus, lambda v: v >= 0), ("--cpus", args.cpus, lambda v: v >= 1),
-              ("--cpus-per-trial", args.cpus_per_trial, lambda v: v > 0), ("--epochs", args.epochs, lambda v: v >= 1),
+              ("--cpus-per-trial", args.cpus_per_trial, lambda v: v > 0),
+              ("--gpu-memory-gb", args.gpu_memory_gb, lambda v: v > 0), ("--epochs", args.epochs, lambda v: v >= 1),
               ("--max-failures", args.max_failures, lambda v: v >= 0),
               ("--train-size", args.train_size, lambda v: v >= 1), ("--test-size", args.test_size, lambda v: v >= 1)]
     for flag, value, ok in checks:
@@ -272,24 +293,37 @@ def main(argv=None) -> int:
             gpus = float(torch.cuda.device_count())
         else:
             gpus = args.gpus
-        resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}))
+        memory_gb = args.gpu_memory_gb or gpu_memory_gb()
+        resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}), memory_gb)
                      for t in exp.trials}
-        if not args.address:
-            msg = unfit(resources, args.cpus or os.cpu_count(), math.ceil(gpus))
-            if msg:
-                raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
-                                      "--gpus / --cpus (or lower the experiment's resources)")
         results_dir = Path(args.results_dir).expanduser().resolve()
+        storage_path = args.storage_path
         if args.resume:
             run_dir = results_dir / args.name if args.name else find_run(results_dir, exp.name)
             if run_dir is None or not (run_dir / "experiment.json").exists():
                 raise ExperimentError(f"--resume: no run of {exp.name!r} under {results_dir} "
                                       f"(looked for {run_dir or results_dir / '*'}/experiment.json)")
+            # A resumed run is the run that was started: its trials, resources and storage, whatever the
+            # flags say now (Tune restores those trials; other ones would never run).
+            saved = json.loads((run_dir / "experiment.json").read_text())
+            exp = dataclasses.replace(exp, trials=[TrialSpec.from_dict(v["spec"]) for v in saved["trials"].values()])
+            resources = {name: v["resources"] for name, v in saved["trials"].items()}
+            storage_path = storage_path or saved["args"].get("storage_path")
+            changed = [f for f in ("epochs", "dataset", "data_dir", "seeds", "only", "train_size", "test_size")
+                       if getattr(args, f) is not None]
+            if changed:
+                print(f"[grid] note: --resume continues the run as it was started; ignoring "
+                      f"{', '.join('--' + f.replace('_', '-') for f in changed)}", flush=True)
         else:
             run_dir = results_dir / (args.name or f"{exp.name}-{datetime.now():%Y%m%d-%H%M%S}")
             if (run_dir / "experiment.json").exists():
                 raise ExperimentError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
                                       "or another --name")
+        if not args.address:
+            msg = unfit(resources, args.cpus or os.cpu_count(), math.ceil(gpus))
+            if msg:
+                raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
+                                      "--gpus / --cpus (or lower the experiment's resources)")
     except (ExperimentError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -298,7 +332,11 @@ def main(argv=None) -> int:
           f"{exp.trials[0].data.name} data" + (" (synthetic)" if exp.trials[0].data.name == "synthetic" else ""))
     for t in exp.trials:
         r = resources[t.name]
-        print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}")
+        mem = ""
+        if r["gpu"] > 0:
+            from raybench.complexity import training_memory_bytes
+            mem = f"  est. memory {training_memory_bytes(t.model, t.recipe.batch_size) / 1e9:.2f} GB"
+        print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}{mem}")
     problems = preflight(exp)
     if problems and not args.address and not args.dry_run:
         print("error: " + "\n".join(problems), file=sys.stderr)
@@ -311,17 +349,18 @@ def main(argv=None) -> int:
         # A local Ray of Ray 2.60 binds its GCS, raylet and agents on all interfaces unless this is off
         # before `import ray` (it is read at import): then every service listens on 127.0.0.1 only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    return run(args, exp, resources, run_dir, gpus, t_start)
+    return run(args, exp, resources, run_dir, storage_path, gpus, t_start)
 
 
-def run(args, exp: Experiment, resources: dict, run_dir: Path, gpus: float, t_start: float) -> int:
+def run(args, exp: Experiment, resources: dict, run_dir: Path, storage_path: str | None, gpus: float,
+        t_start: float) -> int:
     import ray
     from ray import tune
     from raybench.results import ResultsWriter, trial_rows
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    storage = args.storage_path or str(run_dir)
-    tune_name = "ray" if not args.storage_path else run_dir.name
+    storage = storage_path or str(run_dir)
+    tune_name = "ray" if not storage_path else run_dir.name
     commit = git_commit()
     if not args.resume:
         (run_dir / "experiment.json").write_text(json.dumps({

@@ -1,7 +1,7 @@
 """One training trial: a model config trained with a recipe, evaluated on the test set after every epoch.
 
 Usable without Ray (`python -m raybench.train ...`, or `Trial(spec).epochs()`); the grid wraps the same
-`Trial` in a Ray Tune function trainable. Each epoch yields one flat record (see docs/results.md).
+`Trial` in a Ray Tune class trainable (raybench.grid). Each epoch yields one flat record (see docs/results.md).
 """
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ class Trial:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
                 "step": self.step, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "spec": self.spec.to_dict()}
 
     def load_state_dict(self, s: dict) -> None:
@@ -123,12 +124,15 @@ class Trial:
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
+        if s.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # On the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest to the device.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # --- one epoch ---
     def _autocast(self):
@@ -273,12 +277,12 @@ class Trial:
                 if self.compile and not self.compiled:
                     compile_s = self.compile_warm_up()
                 rec = self.train_epoch()
+                rec.update(self.evaluate())  # evaluation at batch 256 is as likely to run out as training
             except torch.cuda.OutOfMemoryError as e:
                 yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
                        "device": device}
                 return
             self.epoch += 1
-            rec.update(self.evaluate())
             diverged = not math.isfinite(rec["train_loss"])
             status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
                                                        else STATUS_RUNNING)

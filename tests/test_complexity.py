@@ -49,3 +49,12 @@ def test_cli_rejects_a_bad_config_by_name():
     r = subprocess.run([sys.executable, "-m", "raybench.complexity", "--model", "vit", "--patch", "5"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "patch=5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_names_a_bad_model_or_experiment(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raybench.complexity", "vit-p4-e2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "vit-p4-e2" in r.stderr and "experiment" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [resnet18-cifar]\nnum_classes: ten\n")
+    r = subprocess.run([sys.executable, "-m", "raybench.complexity", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "num_classes='ten'" in r.stderr and "Traceback" not in r.stderr

@@ -46,6 +46,8 @@ def test_bad_recipe_and_data_values_are_rejected():
         ResNetConfig(stem="cifar", pretrained=True)
     with pytest.raises(ConfigError, match="model name 'vit-p4'"):
         parse_model_name("vit-p4")
+    with pytest.raises(ConfigError, match="checkpoint='nosuch'.*config.json"):
+        SwinConfig("nosuch", finetune=False)
 
 
 def test_trial_specs_round_trip_through_plain_dicts():

@@ -66,6 +66,19 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     assert epochs.node_id.nunique() == 2, epochs[["trial", "node_id"]]
 
 
+def test_gpu_fraction_follows_compute_and_memory():
+    from raybench.complexity import activation_bytes_per_image
+    from raybench.configs import DataSpec, Recipe, TrialSpec, ViTConfig
+    from raybench.grid import MIN_FRACTION, gpu_fraction
+    small = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec())
+    deep = TrialSpec(ViTConfig(8, 32, 4, 2, 2.0), Recipe(batch_size=64), DataSpec())
+    assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)
+    assert gpu_fraction(small) == MIN_FRACTION  # tiny: eight to a GPU
+    assert gpu_fraction(small, gpu_memory_gb=1.05) == 1.0  # the 1 GB CUDA overhead alone nearly fills it
+    big = TrialSpec(load_experiment("seed").trials[3].model, Recipe(batch_size=64), DataSpec())
+    assert big.model.name == "vit-p4-e512-l8-h4-m4" and gpu_fraction(big) == 1.0  # 3.3 GFLOPs x 3 x 64
+
+
 def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
     path.write_text(json.dumps({  # JSON is YAML
         "name": path.stem, "dataset": {"name": "synthetic", "train_size": train_size, "test_size": 200},
@@ -152,6 +165,10 @@ def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     ({"models": [{"name": "resnet18-cifar", "resouces": {"gpu": 1}}]}, r"models\[0\].*resouces"),
     ({"modles": ["resnet18-cifar"]}, r"modles"),
     ({"models": ["resnet18-cifar"], "recipe": {"lr": -1}}, r"lr=-1"),
+    ({"models": ["resnet18-cifar"], "num_classes": "ten"}, r"num_classes='ten'"),
+    ({"models": ["resnet18-cifar"], "dataset": 5}, r"dataset=5"),
+    ({"models": [{"grid": [1, 2]}]}, r"models\[0\].*grid=\[1, 2\]"),
+    ({"models": [{"name": "vit-p8-e32-l1-h2-m2", "patch": 5}]}, r"models\[0\].*patch=5"),
 ])
 def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, content, message):
     import re

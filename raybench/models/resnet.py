@@ -32,8 +32,8 @@ def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
     err = weights_unavailable(weights)
     if err:
         raise err
-    # get_state_dict goes through torch.hub.load_state_dict_from_url, which loads with weights_only=True.
-    return weights.get_state_dict(progress=False, check_hash=True)
+    # A file in the cache is loaded without a hash check: weights_only=True keeps a planted pickle from running.
+    return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
 
 
 def build_resnet(cfg: ResNetConfig, weights: bool = True) -> nn.Module:

@@ -63,7 +63,7 @@ def load_pretrained(checkpoint: str, num_classes: int):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per shard and per load buries the study's own progress lines
     if checkpoint == SWIN_MICRO:
-        checkpoint = micro_checkpoint()
+        checkpoint = random_checkpoint(SWIN_MICRO)
     path = os.path.expanduser(checkpoint)
     kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True)
     if _is_local(path):
@@ -101,18 +101,21 @@ def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
     return None
 
 
-def micro_checkpoint() -> str:
-    """Folder of the random-weight micro Swin (see configs.SWIN_MICRO), written once with save_pretrained."""
+def random_checkpoint(checkpoint: str) -> str:
+    """A save_pretrained folder of a built-in Swin architecture with random weights, written once per machine:
+    the micro Swin's stand-in "pretrained" weights, and the benchmark's offline Swin-Tiny/Small."""
     from filelock import FileLock
     from transformers import SwinForImageClassification
-    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench")) / "swin-micro-random"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):  # trials packed on one machine may race to write it
-        if not (root / "config.json").exists():
-            torch.manual_seed(0)
-            cfg = _hf_config(SwinConfig(SWIN_MICRO, finetune=False, num_classes=10))
-            SwinForImageClassification(cfg).save_pretrained(root)
-    return str(root)
+    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench"))
+    path = root / ("random-" + checkpoint.replace("/", "--"))
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # trials packed on one machine may race to write it
+        if not (path / "config.json").exists():
+            with torch.random.fork_rng():  # the caller's seeded RNG stream stays as it was
+                torch.manual_seed(0)
+                model = SwinForImageClassification(_hf_config(SwinConfig(checkpoint, finetune=False)))
+            model.save_pretrained(path)
+    return str(path)
 
 
 def preprocessing(checkpoint: str, hf_config) -> tuple[int, tuple, tuple]:
