@@ -123,8 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"built-in name ({', '.join(builtin_experiments())}) or a YAML file (default: smoke)")
     p.add_argument("--gpus", type=float, default=None,
                    help="GPUs to use: without --address, start a local Ray with this many (logical on a machine "
-                        "without CUDA: a scheduling dry run, training on CPU); with --address, a cap on the "
-                        "GPUs the grid uses; 0 runs everything on CPU (default: the CUDA devices here)")
+                        "without CUDA: a scheduling dry run, training on CPU; default: the CUDA devices here); "
+                        "with --address, a cap on the GPUs the grid uses (default: no cap, trials ask for GPU "
+                        "fractions); 0 runs everything on CPU")
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--cpus", type=int, help="CPUs for a local Ray (default: all of this machine's)")
     p.add_argument("--gpu-memory-gb", type=float,
@@ -345,20 +346,42 @@ def main(argv=None) -> int:
         print(f"[grid] warning: {p}", flush=True)
     if args.dry_run:
         return 0
-    if not args.address and "ray" not in sys.modules:
+    if not args.address:
+        if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+            print("[grid] warning: Ray was imported before raybench.grid, so the local Ray's services will "
+                  "listen on all interfaces; run `python -m raybench.grid` in its own process to keep them on "
+                  "127.0.0.1", flush=True)
         # A local Ray of Ray 2.60 binds its GCS, raylet and agents on all interfaces unless this is off
         # before `import ray` (it is read at import): then every service listens on 127.0.0.1 only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if args.dashboard_host not in ("127.0.0.1", "localhost", "::1") and not args.no_dashboard:
+            print(f"[grid] warning: --dashboard-host {args.dashboard_host}: the Ray dashboard and its job "
+                  "submission API (which runs arbitrary code) are reachable from other machines", flush=True)
     return run(args, exp, resources, run_dir, storage_path, gpus, t_start)
 
 
 def run(args, exp: Experiment, resources: dict, run_dir: Path, storage_path: str | None, gpus: float,
         t_start: float) -> int:
+    from filelock import FileLock, Timeout
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # two drivers on one run folder would overwrite each other's Parquet rows
+        lock = FileLock(str(run_dir / ".grid.lock"), timeout=0)
+        lock.acquire()
+    except Timeout:
+        print(f"error: another `python -m raybench.grid` is running on {run_dir}", file=sys.stderr)
+        return 2
+    try:
+        return _run_locked(args, exp, resources, run_dir, storage_path, gpus, t_start)
+    finally:
+        lock.release()
+
+
+def _run_locked(args, exp: Experiment, resources: dict, run_dir: Path, storage_path: str | None, gpus: float,
+                t_start: float) -> int:
     import ray
     from ray import tune
     from raybench.results import ResultsWriter, trial_rows
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     storage = storage_path or str(run_dir)
     tune_name = "ray" if not storage_path else run_dir.name
     commit = git_commit()

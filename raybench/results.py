@@ -58,9 +58,13 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
 
 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Readers (the notebook, a second shell) see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ResultsWriter(tune.Callback):
