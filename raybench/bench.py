@@ -286,6 +286,17 @@ def run_sequential(experiment: str, only: str | None, threads: int | None) -> di
     return out
 
 
+def timed_run(cmd: list[str], what: str, env: dict) -> tuple[float, str]:
+    """Wall seconds and stdout of a command in a fresh process; a failure stops the benchmark with its output."""
+    print(f"[bench] {what}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+    return wall, r.stdout
+
+
 def grid_overhead(experiment: str, only: str | None, cpus_per_trial: float) -> dict:
     """Wall time of `python -m raybench.grid --gpus 0` against the sum of its trials' in-epoch time and against
     the same trials run one after another without Ray (`python -m raybench.bench --sequential`), with the
@@ -296,23 +307,13 @@ def grid_overhead(experiment: str, only: str | None, cpus_per_trial: float) -> d
         cmd = [sys.executable, "-m", "raybench.grid", "--experiment", experiment, "--gpus", "0", "--no-analysis",
                "--no-dashboard", "--results-dir", tmp, "--name", "grid", "--cpus-per-trial", str(cpus_per_trial)]
         cmd += ["--only", only] if only else []
-        print(f"[bench] grid overhead: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        grid_wall = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise RuntimeError(f"the grid run failed ({r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+        grid_wall, _ = timed_run(cmd, "grid overhead", env)
         grid = grid_trial_times(Path(tmp) / "grid")
     seq_cmd = [sys.executable, "-m", "raybench.bench", "--sequential", experiment,
                "--threads", str(max(1, int(cpus_per_trial)))]
     seq_cmd += ["--grid-only", only] if only else []
-    print(f"[bench] the same trials without Ray: {' '.join(seq_cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    r = subprocess.run(seq_cmd, capture_output=True, text=True, env=env)
-    seq_wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"the sequential run failed ({r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
-    seq = json.loads(r.stdout.strip().splitlines()[-1])
+    seq_wall, seq_out = timed_run(seq_cmd, "the same trials without Ray", env)
+    seq = json.loads(seq_out.strip().splitlines()[-1])
     return {"experiment": experiment, "only": only or "", "cpus_per_trial": cpus_per_trial,
             "grid_command": " ".join(["python"] + cmd[1:]), "grid_wall_s": grid_wall, "grid": grid,
             "sequential_command": " ".join(["python"] + seq_cmd[1:]), "sequential_wall_s": seq_wall, "sequential": seq,
