@@ -109,18 +109,25 @@ def _runs_below(folder: Path) -> list[str]:
     return sorted(p.parent.name for p in folder.glob("*/trials.parquet"))
 
 
-def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
-    """One row per trial. Metrics come from the epoch rows where the trial has any; `source` says which."""
-    last = epochs.groupby("trial").tail(1).set_index("trial")  # rows are sorted by epoch
-    g = epochs.groupby("trial")
-    from_epochs = pd.DataFrame({
+def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per-trial figures from epoch rows, indexed by trial: the one definition behind trials.parquet's summary
+    columns (raybench.results) and these tables."""
+    ep = epochs.sort_values(["trial", "epoch"])
+    g = ep.groupby("trial")
+    return pd.DataFrame({
         "epochs_done": g.size(),
         "last_epoch": g["epoch"].max(),
-        "final_test_acc": last["test_acc"],
+        "final_test_acc": g.tail(1).set_index("trial")["test_acc"],
         "best_test_acc": g["test_acc"].max(),
-        "test_acc_at_10": epochs[epochs["epoch"] == 10].set_index("trial")["test_acc"],
+        "test_acc_at_10": ep[ep["epoch"] == 10].set_index("trial")["test_acc"],
         "mean_epoch_time_s": g["train_time_s"].mean(),
     })
+
+
+def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
+    """One row per trial. Metrics come from the epoch rows where the trial has any; `source` says which."""
+    g = epochs.groupby("trial")
+    from_epochs = epoch_summary(epochs)
     ident = trials.drop(columns=[c for c in (*METRICS, "epochs_done") if c in trials.columns])
     ident = ident.rename(columns={"epochs": "epochs_planned"})
     df = ident.join(from_epochs, on="trial")

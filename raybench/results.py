@@ -88,12 +88,11 @@ class ResultsWriter(tune.Callback):
         ep = self._epochs()
         ep = ep[ep.trial == name].sort_values("epoch")
         if len(ep):
-            acc = ep.test_acc.astype(float)
-            at10 = ep.loc[ep.epoch == 10, "test_acc"]
-            fields.update(epochs_done=int(ep.epoch.max()), final_test_acc=float(acc.iloc[-1]),
-                          best_test_acc=float(acc.max()),
-                          test_acc_at_10=float(at10.iloc[0]) if len(at10) else math.nan,
-                          mean_epoch_time_s=float(ep.train_time_s.mean()),
+            from raybench.analysis import epoch_summary
+            s = epoch_summary(ep).loc[name]
+            fields.update(epochs_done=int(s.epochs_done), final_test_acc=float(s.final_test_acc),
+                          best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
+                          mean_epoch_time_s=float(s.mean_epoch_time_s),
                           total_time_s=float((ep.train_time_s + ep.eval_time_s).sum()),
                           device=str(ep.device.iloc[-1]))
         for k, v in fields.items():
