@@ -79,6 +79,17 @@ def test_gpu_fraction_follows_compute_and_memory():
     assert big.model.name == "vit-p4-e512-l8-h4-m4" and gpu_fraction(big) == 1.0  # 3.3 GFLOPs x 3 x 64
 
 
+def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
+    from raybench.grid import max_concurrent
+    res = {"a": {"gpu": 1.0}, "b": {"gpu": 0.5}, "c": {"gpu": 0.25}, "d": {"gpu": 0.125}}
+    assert max_concurrent(res, None) == 0  # no cap
+    assert max_concurrent(res, 1) == 1  # the largest trial alone fills one GPU
+    assert max_concurrent(res, 1.5) == 2  # 1 + 0.5
+    assert max_concurrent(res, 1.8) == 3  # 1 + 0.5 + 0.25
+    assert max_concurrent(res, 2) == 4  # all four: 1.875
+    assert max_concurrent({"a": {"gpu": 0.0}}, 2) == 0  # CPU trials are not capped by GPUs
+
+
 def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
     path.write_text(json.dumps({  # JSON is YAML
         "name": path.stem, "dataset": {"name": "synthetic", "train_size": train_size, "test_size": 200},
