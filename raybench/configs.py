@@ -206,10 +206,6 @@ class DataSpec:
             raise ConfigError("DataSpec.data_dir=None: dataset 'imagefolder' needs --data-dir "
                               "(a folder with train/<class>/* and test/<class>/*)")
 
-    @property
-    def label(self) -> str:
-        return {"synthetic": "synthetic", "cifar100": "cifar100"}.get(self.name, f"imagefolder")
-
 
 @dataclass(frozen=True)
 class TrialSpec:

@@ -71,7 +71,6 @@ class ResultsWriter(tune.Callback):
     def __init__(self, run_dir: Path, initial_rows: list[dict]):
         self.run_dir = Path(run_dir)
         self.epochs_path, self.trials_path = self.run_dir / "epochs.parquet", self.run_dir / "trials.parquet"
-        self.start_times: dict[str, float] = {}
         new = pd.DataFrame(initial_rows)
         if self.trials_path.exists():  # a resumed run keeps what it learnt about its trials
             old = pd.read_parquet(self.trials_path)
@@ -82,10 +81,11 @@ class ResultsWriter(tune.Callback):
     def _epochs(self) -> pd.DataFrame:
         return pd.read_parquet(self.epochs_path) if self.epochs_path.exists() else pd.DataFrame(columns=EPOCH_COLUMNS)
 
-    def _update_trial(self, name: str, **fields) -> None:
+    def _update_trial(self, name: str, epochs: pd.DataFrame | None = None, **fields) -> None:
+        """Set `fields` on the trial's row and recompute its summary from `epochs` (read when not given)."""
         trials = pd.read_parquet(self.trials_path)
         i = trials.index[trials.trial == name]
-        ep = self._epochs()
+        ep = self._epochs() if epochs is None else epochs
         ep = ep[ep.trial == name].sort_values("epoch")
         if len(ep):
             from raybench.analysis import epoch_summary
@@ -102,18 +102,19 @@ class ResultsWriter(tune.Callback):
     # --- Tune events ---
     def on_trial_result(self, iteration, trials, trial, result, **info):
         name = trial.config["trial"]["name"]
+        ep = None
         if "train_loss" in result:  # an epoch; an OOM record carries only its status
             row = {k: result.get(k) for k in EPOCH_COLUMNS}
             row["trial"] = name
             ep = self._epochs()
             ep = pd.concat([ep[~((ep.trial == name) & (ep.epoch == row["epoch"]))], pd.DataFrame([row])],
-                           ignore_index=True).sort_values(["trial", "epoch"])
-            write_atomic(ep.astype({"epoch": int}), self.epochs_path)
+                           ignore_index=True).sort_values(["trial", "epoch"]).astype({"epoch": int})
+            write_atomic(ep, self.epochs_path)
             print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
                   f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
                   f"  ({row['device']})", flush=True)
         status = result.get("status", "running")
-        self._update_trial(name, status=status, error=result.get("error", ""))
+        self._update_trial(name, ep, status=status, error=result.get("error", ""))
         if status not in ("ok", "running"):
             print(f"[grid] {name}: {status.upper()}: {result.get('error', '')}", flush=True)
 

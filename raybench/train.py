@@ -76,7 +76,7 @@ class Trial:
     def __init__(self, spec: TrialSpec, device: str | None = None, threads: int | None = None,
                  dataset: Dataset | None = None, feature_cache: bool = True, compile: bool | None = None):
         from raybench.models import build_model
-        self.spec, self.recipe = spec, spec.recipe
+        self.recipe = spec.recipe
         self.device = pick_device(device)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(max(1, int(threads)))  # packed CPU trials must not fight over cores
@@ -84,7 +84,7 @@ class Trial:
         data = dataset or load_dataset(spec.data, spec.model.num_classes, image_size)
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))
-            self.spec = spec
+        self.spec = spec
         torch.manual_seed(spec.seed)
         self.model = build_model(spec.model).to(self.device)
         if spec.model.family == "resnet":  # cuDNN and oneDNN convolutions both run faster in NHWC
