@@ -380,7 +380,7 @@ def _run_locked(args, exp: Experiment, resources: dict, run_dir: Path, storage_p
                 t_start: float) -> int:
     import ray
     from ray import tune
-    from raybench.results import ResultsWriter, trial_rows
+    from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows
 
     storage = storage_path or str(run_dir)
     tune_name = "ray" if not storage_path else run_dir.name
@@ -391,6 +391,7 @@ def _run_locked(args, exp: Experiment, resources: dict, run_dir: Path, storage_p
             "trials": {t.name: {"spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials}},
             indent=1))
     writer = ResultsWriter(run_dir, trial_rows(exp.trials, resources, commit))
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # for the restored writer of a resumed run (see raybench.results)
 
     ctx = start_ray(args, gpus)
     try:

@@ -67,15 +67,27 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# Set by the driver (raybench.grid) to the run folder it found. Tune restores this callback as it was pickled
+# when the run began, so a run folder moved between a stop and --resume would be written at its old path.
+RUN_DIR_ENV = "RAYBENCH_GRID_RUN_DIR"
+
+
 class ResultsWriter(tune.Callback):
     def __init__(self, run_dir: Path, initial_rows: list[dict]):
-        self.run_dir = Path(run_dir)
-        self.epochs_path, self.trials_path = self.run_dir / "epochs.parquet", self.run_dir / "trials.parquet"
+        self._use(Path(run_dir))
         new = pd.DataFrame(initial_rows)
         if self.trials_path.exists():  # a resumed run keeps what it learnt about its trials
             old = pd.read_parquet(self.trials_path)
             new = pd.concat([old, new[~new.trial.isin(old.trial)]], ignore_index=True)
         write_atomic(new, self.trials_path)
+
+    def _use(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.epochs_path, self.trials_path = run_dir / "epochs.parquet", run_dir / "trials.parquet"
+
+    def setup(self, **info):
+        if os.environ.get(RUN_DIR_ENV):
+            self._use(Path(os.environ[RUN_DIR_ENV]))
 
     # --- files ---
     def _epochs(self) -> pd.DataFrame:

@@ -137,6 +137,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
+    """Stop the driver with Ctrl+C, move the results folder (as when copying it to another disk), resume."""
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
                            epochs=4, train_size=3000)
     run_dir = tmp_path / "res" / "stop"
@@ -158,6 +159,9 @@ def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     assert before.groupby("trial").epoch.max()["vit-p4-e64-l2-h2-m2-seed"] < 4, out[-2000:]
     assert "--resume" in out
 
+    (tmp_path / "res").rename(tmp_path / "moved")
+    run_dir = tmp_path / "moved" / "stop"
+    args[args.index(str(tmp_path / "res"))] = str(tmp_path / "moved")
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = read_epochs(run_dir)
@@ -168,6 +172,7 @@ def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     second = after[after.trial == "vit-p4-e64-l2-h2-m2-seed"]
     assert sorted(second.epoch) == [1, 2, 3, 4]
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
+    assert not (tmp_path / "res").exists()  # nothing written where the run folder used to be
 
 
 @pytest.mark.parametrize("content, message", [
