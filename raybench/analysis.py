@@ -344,12 +344,12 @@ def to_markdown(df: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(run: Run, out_dir) -> list[Path]:
-    """Each non-empty table as <name>.md and <name>.parquet in out_dir."""
+def write_tables(run: Run, out_dir, tables: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """Each non-empty table (default: summary_tables(run)) as <name>.md and <name>.parquet in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     titles, written = table_titles(run), []
-    for name, df in summary_tables(run).items():
+    for name, df in (summary_tables(run) if tables is None else tables).items():
         if df.empty:
             continue
         (out_dir / f"{name}.md").write_text(to_markdown(df, titles[name]), encoding="utf-8")
@@ -359,8 +359,9 @@ def write_tables(run: Run, out_dir) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def make_plots(run: Run, out_dir) -> list[Path]:
-    """Writes every plot the data supports as PNG and SVG; returns the files written."""
+def make_plots(run: Run, out_dir, tables: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """Writes every plot the data supports as PNG and SVG; returns the files written. `tables` saves
+    recomputing summary_tables(run)'s knob effects and recipe pairs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -374,10 +375,10 @@ def make_plots(run: Run, out_dir) -> list[Path]:
             figures[stem] = _scatter(run, done, col, label, log)
     for family in sorted(run.epochs.merge(run.per_trial[["trial", "family"]], on="trial")["family"].unique()):
         figures[f"curves_{family}"] = _curves(run, family)
-    effects = knob_effects(run)
+    effects = knob_effects(run) if tables is None else tables["knob_effects"]
     if len(effects):
         figures["knob_effects"] = _knobs(run, effects)
-    pairs = recipe_pairs(run)
+    pairs = recipe_pairs(run) if tables is None else tables["recipes"]
     if len(pairs):
         figures["recipes"] = _recipes(run, pairs)
     written = []
@@ -765,9 +766,9 @@ def caveats(run: Run) -> list[str]:
 def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     """Writes the tables, the plots (unless given) and report.md into out_dir; returns report.md's path."""
     out_dir = Path(out_dir)
-    write_tables(run, out_dir)
-    plots = make_plots(run, out_dir) if plots is None else plots
     titles, tables = table_titles(run), summary_tables(run)
+    write_tables(run, out_dir, tables)
+    plots = make_plots(run, out_dir, tables) if plots is None else plots
     lines = [f"# raybench analysis: {run.name} ({run.label})", "",
              f"From `{run.path}`: {len(run.per_trial)} trial(s), {len(run.epochs)} epoch row(s). Per-trial numbers "
              "come from the epoch rows (trials.parquet's summary for a trial without any); docs/analysis.md says "
