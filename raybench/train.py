@@ -290,7 +290,7 @@ class Trial:
                    "feature_cache": self.feature_cache, "compiled": self.compile,
                    "peak_memory_mb": peak_memory_mb(self.device), "status": status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
-                   else "", "device": device, "started_at": started_at, "finished_at": time.time()}
+                   else "", "device": device, "threads": torch.get_num_threads(), "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
 

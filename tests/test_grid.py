@@ -24,6 +24,7 @@ def test_smoke_grid_runs_every_trial_and_epoch(smoke_run):
     assert set(zip(epochs.trial, epochs.epoch)) == expected and len(epochs) == len(expected)
     assert set(trials.trial) == {t.name for t in SMOKE.trials} and (trials.status == "ok").all()
     assert (epochs.device == "cpu").all() and (trials.device == "cpu").all()  # no CUDA here: recorded
+    assert (epochs.threads == epochs.trial.map(trials.set_index("trial").cpus)).all()  # one thread per Ray CPU
     assert trials.synthetic.all() and (trials.gpu_fraction > 0).all()
     # final/best accuracy in trials.parquet are the epoch rows' numbers
     last = epochs.sort_values("epoch").groupby("trial").test_acc.last()
@@ -118,7 +119,8 @@ def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
     exp = write_experiment(tmp_path / "kill.yaml", ["vit-p4-e64-l2-h2-m2"], epochs=4, train_size=3000)
     run_dir = tmp_path / "res" / "kill"
     proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0",
-                             "--results-dir", str(tmp_path / "res"), "--name", "kill", "--no-analysis"],
+                             "--cpus-per-trial", "2", "--results-dir", str(tmp_path / "res"), "--name", "kill",
+                             "--no-analysis"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: len(read_epochs(run_dir)) >= 1)
@@ -132,6 +134,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
     epochs = read_epochs(run_dir)
     assert sorted(epochs.epoch) == [1, 2, 3, 4]  # each epoch exactly once
     assert epochs.pid.nunique() == 2  # the retry ran in a new process, from the epoch-1 checkpoint
+    assert (epochs.threads == 2).all()  # --cpus-per-trial 2, in the first process and in the retry
     assert "retrying from its last checkpoint" in out
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
 
