@@ -98,7 +98,17 @@ def swin_arch(c: SwinConfig) -> dict:
     if c.checkpoint in SWIN_ARCHS:
         return dict(SWIN_ARCHS[c.checkpoint])
     from transformers import SwinConfig as HFSwinConfig
-    h = HFSwinConfig.from_pretrained(os.path.expanduser(c.checkpoint))
+    from raybench.models.hub import WeightsUnavailable
+    from raybench.models.swin import hub_unavailable
+    err = hub_unavailable(c.checkpoint)
+    if err:
+        raise err
+    try:
+        h = HFSwinConfig.from_pretrained(os.path.expanduser(c.checkpoint))
+    except OSError as e:
+        raise WeightsUnavailable(f"Swin checkpoint {c.checkpoint!r}: its config.json cannot be read "
+                                 f"({str(e).splitlines()[0]}); built-in: {', '.join(SWIN_ARCHS)}, or a folder "
+                                 "written by save_pretrained") from None
     return dict(embed_dim=h.embed_dim, depths=tuple(h.depths), num_heads=tuple(h.num_heads),
                 window_size=h.window_size, patch_size=h.patch_size, image_size=h.image_size,
                 mlp_ratio=h.mlp_ratio)
@@ -249,9 +259,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError and ExperimentError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from raybench.models.hub import WeightsUnavailable
     rows = []
     for cfg in configs:
-        cx = complexity(cfg)
+        try:
+            cx = complexity(cfg)
+        except WeightsUnavailable as e:
+            print(f"error: {cfg.name}: {e}", file=sys.stderr)
+            return 2
         row = {"model": cx.name, "params": cx.params, "trainable_params": cx.trainable_params,
                "flops": cx.flops, "gflops": round(cx.gflops, 4), "input_size": cx.input_size,
                "flops_by_part": cx.flops_by_part}

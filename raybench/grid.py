@@ -173,14 +173,22 @@ def parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        n = int(text)
+        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else None
+        n = int(text) if seeds is None else len(seeds)
     except ValueError:
         raise ExperimentError(f"--seeds={text!r}: expected a count N or a list like '0,3,7'") from None
+    if seeds is not None:
+        return check_seeds(text, seeds)
     if n < 1:
         raise ExperimentError(f"--seeds={text!r}: the count must be >= 1")
     return list(range(n))
+
+
+def check_seeds(text: str, seeds: list[int]) -> list[int]:
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice or not seeds:
+        raise ExperimentError(f"--seeds={text!r}: " + (f"seed {twice[0]} appears twice" if twice else "no seed"))
+    return seeds
 
 
 def select(exp: Experiment, pattern: str | None) -> Experiment:
@@ -217,10 +225,32 @@ def git_commit() -> str:
         return ""
 
 
+def read_run_record(path: Path) -> dict:
+    """A run folder's experiment.json; a damaged one is an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExperimentError(f"{path}: cannot be read ({e}); pass --name for another run") from None
+
+
 def find_run(results_dir: Path, experiment: str) -> Path | None:
-    runs = [p.parent for p in results_dir.glob("*/experiment.json")
-            if json.loads(p.read_text()).get("experiment") == experiment]
+    runs = []
+    for p in results_dir.glob("*/experiment.json"):
+        try:
+            if read_run_record(p).get("experiment") == experiment:
+                runs.append(p.parent)
+        except ExperimentError as e:  # someone else's damaged folder must not block resuming this run
+            print(f"[grid] warning: {e}", file=sys.stderr)
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def check_writable(results_dir: Path) -> None:
+    """Refuse a --results-dir that cannot hold run folders, before anything is started."""
+    p = results_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ExperimentError(f"--results-dir {results_dir}: {p} is not a folder this user can write to")
 
 
 def start_ray(args, gpus: float):
@@ -280,6 +310,7 @@ def max_concurrent(resources: dict[str, dict], gpu_cap: float | None) -> int:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     t_start = time.time()
+    from raybench.models.hub import WeightsUnavailable
     try:
         validate_args(args)
         exp = load_experiment(args.experiment, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir,
@@ -293,11 +324,18 @@ def main(argv=None) -> int:
             import torch
             gpus = float(torch.cuda.device_count())
         else:
-            gpus = args.gpus
+            import torch
+            gpus, have = args.gpus, torch.cuda.device_count()
+            if have and gpus > have:  # Ray would hand out ids of GPUs that do not exist: those trials run on CPU
+                raise ExperimentError(f"--gpus={args.gpus:g}: this machine has {have} CUDA device(s); ask for at "
+                                      f"most {have}, or join a cluster with --address")
         memory_gb = args.gpu_memory_gb or gpu_memory_gb()
         resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}), memory_gb)
                      for t in exp.trials}
         results_dir = Path(args.results_dir).expanduser().resolve()
+        check_writable(results_dir)
+        if args.storage_path and "://" not in args.storage_path:  # Tune takes a local path as absolute only
+            args.storage_path = str(Path(args.storage_path).expanduser().resolve())
         storage_path = args.storage_path
         if args.resume:
             run_dir = results_dir / args.name if args.name else find_run(results_dir, exp.name)
@@ -306,7 +344,7 @@ def main(argv=None) -> int:
                                       f"(looked for {run_dir or results_dir / '*'}/experiment.json)")
             # A resumed run is the run that was started: its trials, resources and storage, whatever the
             # flags say now (Tune restores those trials; other ones would never run).
-            saved = json.loads((run_dir / "experiment.json").read_text())
+            saved = read_run_record(run_dir / "experiment.json")
             exp = dataclasses.replace(exp, trials=[TrialSpec.from_dict(v["spec"]) for v in saved["trials"].values()])
             resources = {name: v["resources"] for name, v in saved["trials"].items()}
             storage_path = storage_path or saved["args"].get("storage_path")
@@ -325,12 +363,11 @@ def main(argv=None) -> int:
             if msg:
                 raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
                                       "--gpus / --cpus (or lower the experiment's resources)")
-    except (ExperimentError, FileNotFoundError) as e:
+    except (ExperimentError, FileNotFoundError, WeightsUnavailable) as e:  # a Swin checkpoint's config unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(f"[grid] experiment {exp.name} ({exp.path}): {len(exp.trials)} trials, "
-          f"{exp.trials[0].data.name} data" + (" (synthetic)" if exp.trials[0].data.name == "synthetic" else ""))
+    print(f"[grid] experiment {exp.name} ({exp.path}): {len(exp.trials)} trials, {exp.trials[0].data.name} data")
     for t in exp.trials:
         r = resources[t.name]
         mem = ""
@@ -385,11 +422,13 @@ def _run_locked(args, exp: Experiment, resources: dict, run_dir: Path, storage_p
     storage = storage_path or str(run_dir)
     tune_name = "ray" if not storage_path else run_dir.name
     commit = git_commit()
-    if not args.resume:
-        (run_dir / "experiment.json").write_text(json.dumps({
+    if not args.resume:  # written whole or not at all: --resume trusts it
+        tmp = run_dir / ".experiment.json.tmp"
+        tmp.write_text(json.dumps({
             "experiment": exp.name, "path": exp.path, "args": vars(args), "git_commit": commit,
             "trials": {t.name: {"spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials}},
             indent=1))
+        os.replace(tmp, run_dir / "experiment.json")
     writer = ResultsWriter(run_dir, trial_rows(exp.trials, resources, commit))
     os.environ[RUN_DIR_ENV] = str(run_dir)  # for the restored writer of a resumed run (see raybench.results)
 

@@ -206,6 +206,7 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, conten
     (["--experiment", "nope"], "built-in: full, seed, smoke"),
     (["--only", "zzz"], "--only='zzz' matches no trial"),
     (["--seeds", "two"], "--seeds='two'"),
+    (["--seeds", "0,3,0"], "--seeds='0,3,0': seed 0 appears twice"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--resume", "--name", "never-ran"], "--resume: no run"),
     (["--experiment", "seed", "--data-dir", "/nonexistent/cifar"], "CIFAR-100 is not in /nonexistent/cifar"),
@@ -217,14 +218,40 @@ def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, args, messag
     assert not (tmp_path / "res").exists()
 
 
+def test_unusable_results_folders_and_run_records_are_refused(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    r = run_grid("--results-dir", tmp_path / "a-file" / "res", timeout=60)
+    assert r.returncode == 2 and "is not a folder this user can write to" in r.stderr, r.stderr
+    damaged = tmp_path / "res" / "smoke-1"
+    damaged.mkdir(parents=True)
+    (damaged / "experiment.json").write_text("{")  # a run folder whose driver died while writing it
+    r = run_grid("--resume", "--results-dir", tmp_path / "res", "--name", "smoke-1", timeout=60)
+    assert r.returncode == 2 and f"{damaged / 'experiment.json'}: cannot be read" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ("/nonexistent/swin", "looks like a folder, but there is no folder there"),
+    ("microsoft/swin-base-patch4-window7-224", "are not in the Hugging Face cache"),  # tests run offline
+])
+def test_unreadable_swin_checkpoints_are_refused_while_sizing_gpu_shares(tmp_path, checkpoint, message):
+    # With GPUs the resource rule needs the architecture, read from the checkpoint's config.json.
+    exp = write_experiment(tmp_path / "swin.yaml", [{"name": "swin-tiny-ft", "checkpoint": checkpoint}], 1, 64)
+    r = run_grid("--experiment", exp, "--gpus", 1, "--results-dir", tmp_path / "res", timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "res").exists()
+
+
 def test_a_diverging_trial_is_recorded_and_the_others_go_on(tmp_path):
     exp = write_experiment(tmp_path / "div.yaml", ["vit-p8-e32-l1-h2-m2",
                                                    {"name": "vit-p8-e32-l2-h2-m2", "recipe": {"lr": 1e12}}],
                            epochs=3, train_size=500)
+    # a relative --storage-path is taken from the working folder, as a user typing it expects
     r = run_grid("--experiment", exp, "--gpus", 0, "--results-dir", tmp_path / "res", "--name", "div",
-                 "--no-analysis")
+                 "--no-analysis", "--storage-path", "tune-state", cwd=tmp_path)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # not every trial ok
     trials = pd.read_parquet(tmp_path / "res" / "div" / "trials.parquet").set_index("trial")
     assert trials.status.to_dict() == {"vit-p8-e32-l1-h2-m2-seed": "ok", "vit-p8-e32-l2-h2-m2-seed": "diverged"}
     assert "non-finite training loss" in trials.error["vit-p8-e32-l2-h2-m2-seed"]
     assert "DIVERGED" in r.stdout
+    assert (tmp_path / "tune-state" / "div").is_dir()

@@ -82,6 +82,10 @@ def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
     """Why `checkpoint` can be neither read from the cache nor downloaded, or None when it can be loaded."""
     if checkpoint == SWIN_MICRO or _is_local(os.path.expanduser(checkpoint)):
         return None
+    if checkpoint.startswith(("/", "./", "../", "~")):
+        return WeightsUnavailable(f"Swin checkpoint {checkpoint!r} looks like a folder, but there is no folder "
+                                  "there; pass a folder written by save_pretrained, or a Hugging Face model id "
+                                  "such as 'microsoft/swin-tiny-patch4-window7-224'")
     try:
         from transformers import SwinConfig as HFSwinConfig
         HFSwinConfig.from_pretrained(checkpoint, local_files_only=True)
