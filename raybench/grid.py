@@ -76,7 +76,7 @@ def _tune_trainable():
     import ray
     import torch
     from ray import tune
-    from raybench.train import STATUS_RUNNING, Trial
+    from raybench.train import STATUS_OK, STATUS_RUNNING, Trial
 
     class StudyTrial(tune.Trainable):
         """One TrialSpec as a Tune class trainable: one `step` per epoch, Tune's checkpoints hold the
@@ -96,7 +96,10 @@ def _tune_trainable():
         def step(self) -> dict:
             if self.records is None:
                 self.records = self.trial.epochs()
-            rec = next(self.records)
+            rec = next(self.records, None)
+            if rec is None:  # restored from the checkpoint of its last epoch: it has ended, say how
+                rec = {"epoch": self.trial.epoch,
+                       "status": STATUS_OK if self.trial.status == STATUS_RUNNING else self.trial.status}
             rec.update(node_id=self.node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())),
                        done=rec["status"] != STATUS_RUNNING)
             return rec

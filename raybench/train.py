@@ -50,11 +50,17 @@ def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={requested!r}: CUDA is not available here; use 'cpu'")
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    index = requested[5:] if requested.startswith("cuda:") else "0"
+    if requested not in ("cpu", "cuda") and not (requested.startswith("cuda:") and index.isdigit()):
+        raise ValueError(f"device={requested!r}: expected cpu, cuda or cuda:N")
+    if requested != "cpu":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index) >= n:
+            raise ValueError(f"device={requested!r}: this machine has {n} CUDA device(s)"
+                             + ("; use 'cpu'" if n == 0 else f"; use cuda:0 to cuda:{n - 1} or 'cpu'"))
+    return torch.device(requested)
 
 
 def device_name(device: torch.device) -> str:
@@ -78,8 +84,10 @@ class Trial:
         from raybench.models import build_model
         self.recipe = spec.recipe
         self.device = pick_device(device)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads={threads}: must be >= 1")
         if self.device.type == "cpu" and threads:
-            torch.set_num_threads(max(1, int(threads)))  # packed CPU trials must not fight over cores
+            torch.set_num_threads(int(threads))  # packed CPU trials must not fight over cores
         image_size = getattr(spec.model, "image_size", 32)
         data = dataset or load_dataset(spec.data, spec.model.num_classes, image_size)
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
@@ -102,6 +110,7 @@ class Trial:
         self.gen = torch.Generator(device=self.device).manual_seed(spec.seed)
         self.steps_per_epoch = math.ceil(len(data.train_y) / self.recipe.batch_size)
         self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
+        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
         # Cached: the training steps and evaluation run the head on stored backbone features.
         self.feature_cache = feature_cache_mode(spec, feature_cache)
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
@@ -114,7 +123,7 @@ class Trial:
     # --- checkpoints (plain tensors and numbers: they load with weights_only=True) ---
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
-                "step": self.step, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "status": self.status, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "spec": self.spec.to_dict()}
 
@@ -122,6 +131,7 @@ class Trial:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
+        self.status = s.get("status", STATUS_OK if self.epoch >= self.recipe.epochs else STATUS_RUNNING)
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
         if s.get("cuda_rng") is not None and self.device.type == "cuda":
@@ -268,7 +278,7 @@ class Trial:
         The first epoch this object trains also reports the one-off costs it paid before its clock started:
         `cache_time_s` (the feature pass) and `compile_time_s` (the compile warm-up); later epochs report 0."""
         device = device_name(self.device)
-        while self.epoch < self.recipe.epochs:
+        while self.epoch < self.recipe.epochs and self.status == STATUS_RUNNING:
             started_at = time.time()
             cache_s = compile_s = 0.0
             try:
@@ -279,6 +289,7 @@ class Trial:
                 rec = self.train_epoch()
                 rec.update(self.evaluate())  # evaluation at batch 256 is as likely to run out as training
             except torch.cuda.OutOfMemoryError as e:
+                self.status = STATUS_OOM
                 yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
                        "device": device}
                 return
@@ -286,6 +297,7 @@ class Trial:
             diverged = not math.isfinite(rec["train_loss"])
             status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
                                                        else STATUS_RUNNING)
+            self.status = status
             yield {"epoch": self.epoch, **rec, "cache_time_s": cache_s, "compile_time_s": compile_s,
                    "feature_cache": self.feature_cache, "compiled": self.compile,
                    "peak_memory_mb": peak_memory_mb(self.device), "status": status,

@@ -91,6 +91,27 @@ def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
     assert max_concurrent({"a": {"gpu": 0.0}}, 2) == 0  # CPU trials are not capped by GPUs
 
 
+def test_a_trial_restored_from_its_final_checkpoint_reports_it_ended(tmp_path):
+    """Tune can restore a trial from the checkpoint of its last epoch (a driver stopped between the two
+    snapshots); the trainable then has no epoch left and must say the trial ended, not raise."""
+    import ray
+    from raybench.grid import _tune_trainable
+    spec = load_experiment("smoke", epochs=1, train_size=64, test_size=32).trials[0]
+    config = {"trial": {"name": spec.name, "spec": spec.to_dict(), "resources": {"cpu": 1, "gpu": 0}}}
+    StudyTrial = _tune_trainable()
+    ray.init(num_cpus=1, include_dashboard=False)  # the trainable asks Ray for its GPU ids and node
+    try:
+        first = StudyTrial(config=config)
+        assert first.step()["status"] == "ok"
+        first.save_checkpoint(str(tmp_path))
+        restored = StudyTrial(config=config)
+        restored.load_checkpoint(str(tmp_path))
+        rec = restored.step()
+    finally:
+        ray.shutdown()
+    assert rec["done"] and rec["status"] == "ok" and rec["epoch"] == 1 and "train_loss" not in rec
+
+
 def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
     path.write_text(json.dumps({  # JSON is YAML
         "name": path.stem, "dataset": {"name": "synthetic", "train_size": train_size, "test_size": 200},

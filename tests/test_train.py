@@ -76,6 +76,17 @@ def test_a_diverging_run_stops_with_status_diverged(small_synthetic):
     assert len(recs) < 3
 
 
+def test_a_trial_restored_after_it_ended_trains_no_more(small_synthetic, tmp_path):
+    for spec, status in ((spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=1), STATUS_OK),
+                         (spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, lr=1e12), STATUS_DIVERGED)):
+        ended, recs = run(spec, small_synthetic)
+        assert recs[-1]["status"] == status
+        ended.save(tmp_path / "state.pt")
+        restored = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
+        restored.load(tmp_path / "state.pt")
+        assert restored.status == status and list(restored.epochs()) == []
+
+
 def test_cli_prints_a_line_per_epoch():
     r = subprocess.run([sys.executable, "-m", "raybench.train", "--model", "vit", "--patch", "8", "--dim", "32",
                         "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--epochs", "2", "--dataset",
@@ -95,3 +106,9 @@ def test_cli_reports_bad_values_and_missing_data_without_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raybench.train", "--name", "resnet18-cifar", "--dataset",
                         "cifar100", "--data-dir", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "CIFAR-100 is not in" in r.stderr and "Traceback" not in r.stderr
+    for args, message in ((["--device", "gpu"], "device='gpu': expected cpu, cuda or cuda:N"),
+                          (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)"),
+                          (["--threads", "0"], "threads=0: must be >= 1")):
+        r = subprocess.run([sys.executable, "-m", "raybench.train", "--name", "vit-p8-e32-l1-h2-m2", *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
