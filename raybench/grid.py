@@ -34,27 +34,54 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # (powers of two so packed trials fill a GPU exactly):
 # - compute: training FLOPs per step, 3 x forward FLOPs x batch (forward plus a backward of about twice the
 #   forward; 1 x for a frozen backbone), over FULL_GPU_STEP_FLOPS, a step that keeps a whole GPU busy;
-# - memory: estimated training memory (complexity.training_memory_bytes: weights, gradients, Adam moments and
-#   the batch's saved activations, measured in fp32) plus CUDA_OVERHEAD_BYTES, over the GPU's memory
-#   (--gpu-memory-gb; default the first CUDA device's, else 80 GB).
-# Tune does not split GPU memory: on CUDA each trial caps its allocator at its fraction
-# (torch.cuda.set_per_process_memory_fraction), so a packed neighbour cannot starve it.
+# - memory: trial_memory_bytes (weights, gradients, Adam moments and the batch's saved activations, measured in
+#   fp32; the dataset held on the GPU; a frozen backbone's cached features) plus CUDA_OVERHEAD_BYTES, over the
+#   GPU's memory (--gpu-memory-gb; default the first CUDA device's, else 80 GB).
+# Tune does not split GPU memory: on CUDA each trial caps its allocator at its share less CUDA_OVERHEAD_BYTES
+# (torch.cuda.set_per_process_memory_fraction; the CUDA context lives outside the allocator), so a packed
+# neighbour cannot starve it, and a trial whose share of the real GPU is below its estimate fails at once.
 FULL_GPU_STEP_FLOPS = 1e12
 CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
 DEFAULT_GPU_MEMORY_GB = 80.0
 MIN_FRACTION = 1 / 8
 
 
+def trial_memory_bytes(spec: TrialSpec) -> int:
+    """GPU memory one trial is estimated to use, the CUDA context aside. Not counted: the transient
+    activations of no-grad passes (evaluation and the feature pass run at batch 256), and image folders."""
+    from raybench.complexity import swin_arch, training_memory_bytes
+    from raybench.train import CACHE_ON, feature_cache_mode
+    images = {"synthetic": spec.data.train_size + spec.data.test_size, "cifar100": 60_000}.get(spec.data.name, 0)
+    total = training_memory_bytes(spec.model, spec.recipe.batch_size) + images * 3 * 32 * 32  # uint8, 32 px
+    if feature_cache_mode(spec) == CACHE_ON:
+        a = swin_arch(spec.model)
+        total += images * 4 * a["embed_dim"] * 2 ** (len(a["depths"]) - 1)  # fp32 pooled features
+    return total
+
+
 def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> float:
-    from raybench.complexity import complexity, training_memory_bytes
+    from raybench.complexity import complexity
     cx = complexity(spec.model)
     passes = 1 if getattr(spec.model, "finetune", False) else 3
     compute = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
-    memory = (training_memory_bytes(spec.model, spec.recipe.batch_size) + CUDA_OVERHEAD_BYTES) / (gpu_memory_gb * 1e9)
+    memory = (trial_memory_bytes(spec) + CUDA_OVERHEAD_BYTES) / (gpu_memory_gb * 1e9)
     share = max(compute, memory)
     if share >= 1:
         return 1.0
     return max(MIN_FRACTION, 2.0 ** math.ceil(math.log2(share)))
+
+
+def allocator_fraction(spec: TrialSpec, share: float, gpu_bytes: int) -> float:
+    """The cap for a trial's CUDA caching allocator: its share of this GPU less the CUDA context's room.
+    Raises when that is below the trial's estimate: the share was sized for a larger GPU (a driver on a
+    machine without CUDA assumes --gpu-memory-gb, default 80 GB), and the trial would run out mid-epoch."""
+    need, cap = trial_memory_bytes(spec), share * gpu_bytes - CUDA_OVERHEAD_BYTES
+    if cap < need:
+        raise RuntimeError(
+            f"{spec.name}: its GPU share {share:g} of this {gpu_bytes / 1e9:.0f} GB GPU leaves {cap / 1e9:.2f} GB "
+            f"after the CUDA context, below the {need / 1e9:.2f} GB it is estimated to need; run the grid with "
+            f"--gpu-memory-gb {gpu_bytes / 1e9:.0f} so the shares are sized for this GPU")
+    return cap / gpu_bytes
 
 
 def trial_resources(spec: TrialSpec, gpus: float, cpus_per_trial: float, override: dict,
@@ -87,9 +114,10 @@ def _tune_trainable():
             spec = TrialSpec.from_dict(config["trial"]["spec"])
             res = config["trial"]["resources"]
             use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+            if use_cuda and res["gpu"] < 1:  # before the trial allocates anything
+                torch.cuda.set_per_process_memory_fraction(
+                    allocator_fraction(spec, res["gpu"], torch.cuda.get_device_properties(0).total_memory))
             self.trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(res["cpu"])))
-            if use_cuda and res["gpu"] < 1:
-                torch.cuda.set_per_process_memory_fraction(res["gpu"])
             self.node_id = ray.get_runtime_context().get_node_id()
             self.records = None  # the epoch iterator starts at the first step, after any checkpoint load
 
@@ -333,6 +361,10 @@ def main(argv=None) -> int:
                 raise ExperimentError(f"--gpus={args.gpus:g}: this machine has {have} CUDA device(s); ask for at "
                                       f"most {have}, or join a cluster with --address")
         memory_gb = args.gpu_memory_gb or gpu_memory_gb()
+        if args.address and not args.gpu_memory_gb and gpus > 0 and memory_gb == DEFAULT_GPU_MEMORY_GB:
+            print(f"[grid] note: no CUDA device on this machine: GPU shares are sized for a {memory_gb:g} GB GPU; "
+                  "pass --gpu-memory-gb with the workers' GPU memory (a trial whose share is too small for it "
+                  "fails at start and says so)", flush=True)
         resources = {t.name: trial_resources(t, gpus, args.cpus_per_trial, exp.resources.get(t.name, {}), memory_gb)
                      for t in exp.trials}
         results_dir = Path(args.results_dir).expanduser().resolve()
@@ -375,8 +407,7 @@ def main(argv=None) -> int:
         r = resources[t.name]
         mem = ""
         if r["gpu"] > 0:
-            from raybench.complexity import training_memory_bytes
-            mem = f"  est. memory {training_memory_bytes(t.model, t.recipe.batch_size) / 1e9:.2f} GB"
+            mem = f"  est. memory {trial_memory_bytes(t) / 1e9:.2f} GB"
         print(f"[grid]   {t.name:<40} cpu {r['cpu']:g}  gpu {r['gpu']:g}  epochs {t.recipe.epochs}{mem}")
     problems = preflight(exp)
     if problems and not args.address and not args.dry_run:

@@ -80,6 +80,23 @@ def test_gpu_fraction_follows_compute_and_memory():
     assert big.model.name == "vit-p4-e512-l8-h4-m4" and gpu_fraction(big) == 1.0  # 3.3 GFLOPs x 3 x 64
 
 
+def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room_for_cuda(tiny_swin_dir):
+    import dataclasses
+    from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec, ViTConfig
+    from raybench.grid import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
+    vit = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
+    more = dataclasses.replace(vit, data=DataSpec(train_size=2000, test_size=200))
+    assert trial_memory_bytes(more) - trial_memory_bytes(vit) == 1000 * 3 * 32 * 32  # uint8 images on the GPU
+    cached = TrialSpec(SwinConfig(tiny_swin_dir, finetune=True, num_classes=10), Recipe(batch_size=32), vit.data)
+    augmented = dataclasses.replace(cached, recipe=Recipe(batch_size=32, augment=("flip",)))
+    # fp32 pooled features of the 2-stage tiny Swin (24 x 2 channels) for 1200 images, only when cached
+    assert trial_memory_bytes(cached) - trial_memory_bytes(augmented) == 1200 * 4 * 48
+    # the allocator gets the share less the CUDA context; a share too small for the real GPU fails at start
+    assert allocator_fraction(vit, 0.125, 80e9) == pytest.approx((10e9 - CUDA_OVERHEAD_BYTES) / 80e9)
+    with pytest.raises(RuntimeError, match="--gpu-memory-gb 8"):
+        allocator_fraction(vit, 0.125, 8e9)
+
+
 def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
     from raybench.grid import max_concurrent
     res = {"a": {"gpu": 1.0}, "b": {"gpu": 0.5}, "c": {"gpu": 0.25}, "d": {"gpu": 0.125}}
