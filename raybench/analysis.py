@@ -70,7 +70,8 @@ def load_run(run_dir) -> Run:
     folder and the files it expected when they are not there or not in the documented schema."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; expected a folder holding {EXPECTED}")
+        what = "is not a folder" if run_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"run folder {run_dir} {what}; expected a folder holding {EXPECTED}")
     trials_path, epochs_path = run_dir / "trials.parquet", run_dir / "epochs.parquet"
     if not trials_path.exists():
         hint = _runs_below(run_dir)
@@ -834,7 +835,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         report = analyse(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as e:  # a bad folder is the user's to fix: message, no traceback
+    except (OSError, ValueError) as e:  # a bad folder (or --out) is the user's to fix: message, no traceback
         print(f"raybench.analysis: error: {e}", file=sys.stderr)
         return 1
     print(report)

@@ -230,7 +230,6 @@ class Trial:
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         for idx in epoch_indices(len(d.train_y), r.batch_size, self.gen, self.device):
@@ -281,6 +280,8 @@ class Trial:
         while self.epoch < self.recipe.epochs and self.status == STATUS_RUNNING:
             started_at = time.time()
             cache_s = compile_s = 0.0
+            if self.device.type == "cuda":  # the epoch's peak includes its feature pass and compile warm-up
+                torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 if self.feature_cache == CACHE_ON and self.features is None:
                     cache_s = self.cache_features()

@@ -405,6 +405,11 @@ def test_cli(run_dir, tmp_path):
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     assert f"run folder {tmp_path / 'empty'} holds no trials.parquet" in bad.stderr
+    (tmp_path / "a-file").write_text("")
+    for args, message in (([tmp_path / "a-file"], "is not a folder"),
+                          ([run_dir, "--out", tmp_path / "a-file"], str(tmp_path / "a-file"))):
+        bad = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True)
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 # ------------------------------------------------------------------------------------------- notebook
