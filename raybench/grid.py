@@ -242,8 +242,12 @@ def validate_args(args) -> None:
     for flag, value, ok in checks:
         if value is not None and not ok(value):
             raise ExperimentError(f"{flag}={value}: out of range")
-    if args.gpus is not None and args.gpus > 1 and args.gpus != int(args.gpus):
-        raise ExperimentError(f"--gpus={args.gpus}: a fraction must be <= 1, else a whole number")
+    if args.gpus is not None and args.gpus != int(args.gpus):
+        if not args.address:
+            raise ExperimentError(f"--gpus={args.gpus:g}: a local Ray gets whole GPUs (trials share them by their "
+                                  "fractions); a fraction only caps a cluster's GPUs, with --address")
+        if args.gpus > 1:
+            raise ExperimentError(f"--gpus={args.gpus:g}: a fraction must be <= 1, else a whole number")
     if args.resume and args.storage_path and "://" in args.storage_path and not args.name:
         raise ExperimentError("--resume with a remote --storage-path needs --name")
 
