@@ -269,7 +269,8 @@ def _matched_by_knob(vit: pd.DataFrame) -> dict[str, pd.DataFrame]:
         others = [k for k in KNOBS if k != knob] + ["recipe"]
         key = vit[others].astype(str).agg("|".join, axis=1)
         n_values = vit.groupby(key)[knob].nunique()
-        matched = vit[key.map(n_values) == len(values)].assign(_key=key)
+        complete = key.map(n_values) == len(values)
+        matched = vit[complete].assign(_key=key[complete])  # an empty selection must stay empty
         if len(matched):
             out[knob] = matched
     return out

@@ -295,6 +295,14 @@ def test_knob_effects_are_matched_on_a_partial_grid(tmp_path):
     assert effects.loc[("patch", 4.0), "final_test_acc"] == pytest.approx(sum(accs[m] for m in p4) / 3)
 
 
+def test_configs_that_change_several_knobs_at_once_give_no_knob_effects(tmp_path):
+    # The seed experiment's four ViTs: width, heads and MLP move together, and so do patch and depth.
+    seed_vits = ["vit-p8-e256-l4-h2-m2", "vit-p8-e512-l4-h4-m4", "vit-p4-e256-l8-h2-m2", "vit-p4-e512-l8-h4-m4"]
+    run = load_run(small_run(tmp_path, {m: 0.3 + 0.01 * i for i, m in enumerate(seed_vits)}, resnet=0.38))
+    assert summary_tables(run)["knob_effects"].empty
+    assert (write_report(run, tmp_path / "out")).stat().st_size > 0
+
+
 def test_swin_and_efficiency_statements_follow_the_data(tmp_path):
     swin = {"swin-tiny-ft": (0.60, 20.0), "swin-tiny-scratch": (0.12, 35.0), "swin-small-ft": (0.55, 30.0)}
     run = load_run(small_run(tmp_path / "a", {m: vit_acc(m) for m in VITS}, resnet=0.38, swin=swin))

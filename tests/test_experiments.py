@@ -9,10 +9,14 @@ def test_builtin_studies_have_the_trials_the_study_names():
     seed = load_experiment("seed")
     assert [t.name for t in seed.trials] == [
         "vit-p8-e256-l4-h2-m2-seed", "vit-p8-e512-l4-h4-m4-seed", "vit-p4-e256-l8-h2-m2-seed",
-        "vit-p4-e512-l8-h4-m4-seed", "resnet18-cifar-seed", "swin-tiny-ft-seed", "swin-small-ft-seed",
-        "swin-tiny-scratch-seed"]
+        "vit-p4-e512-l8-h4-m4-seed", "resnet18-cifar-seed", "resnet18-imagenet-pt-seed", "swin-tiny-ft-seed",
+        "swin-small-ft-seed", "swin-tiny-scratch-seed"]
     swin = [t for t in seed.trials if isinstance(t.model, SwinConfig)]
-    assert {(t.recipe.batch_size, t.recipe.lr, t.recipe.epochs) for t in swin} == {(32, 2e-5, 3)}
+    assert {(t.recipe.batch_size, t.recipe.optimizer, t.recipe.lr, t.recipe.epochs) for t in swin} == {
+        (32, "adam", 2e-5, 3)}
+    others = [t for t in seed.trials if not isinstance(t.model, SwinConfig)]
+    assert {(t.recipe.batch_size, t.recipe.optimizer, t.recipe.lr, t.recipe.epochs) for t in others} == {
+        (64, "adam", 1e-3, 30)}
     full = load_experiment("full")
     assert sum(t.model.family == "vit" for t in full.trials) == 32 * 2 and {t.recipe.name for t in full.trials} == {
         "seed", "improved"}
