@@ -30,7 +30,7 @@ FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates, attention matmuls included"
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (dim)", "depth": "depth (blocks)",
                "heads": "attention heads", "mlp_ratio": "MLP ratio"}
-METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s")
+METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
 OK, RUNNING = "ok", "running"  # any other status (diverged, oom, error) is a failed trial
 TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "params", "trainable_params", "flops",
                  "image_size", "epochs", "device", "dataset", "synthetic", "status", "error")
@@ -114,6 +114,10 @@ def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
     """Per-trial figures from epoch rows, indexed by trial: the one definition behind trials.parquet's summary
     columns (raybench.results) and these tables."""
     ep = epochs.sort_values(["trial", "epoch"])
+    # One-off costs (a frozen backbone's feature pass, compile warm-up) are a trial's time too; runs written
+    # before those columns existed (and hand-made epoch tables) lack them.
+    extra = sum(ep[c].fillna(0.0) if c in ep else 0.0 for c in ("eval_time_s", "cache_time_s", "compile_time_s"))
+    ep = ep.assign(_total=ep["train_time_s"] + extra)
     g = ep.groupby("trial")
     return pd.DataFrame({
         "epochs_done": g.size(),
@@ -122,6 +126,7 @@ def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
         "best_test_acc": g["test_acc"].max(),
         "test_acc_at_10": ep[ep["epoch"] == 10].set_index("trial")["test_acc"],
         "mean_epoch_time_s": g["train_time_s"].mean(),
+        "total_time_s": g["_total"].sum(),
     })
 
 
@@ -221,7 +226,7 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
          "mean_epoch_time_s", "test_acc_at_10", "final_test_acc", "best_test_acc"]]
     swin = order(c[c["family"] == "swin"])[
         ["model", "recipe", "n", "status", "epochs_done", "epochs_planned", "trainable_params", "params",
-         "mean_epoch_time_s", "final_test_acc"]]
+         "mean_epoch_time_s", "total_time_s", "final_test_acc"]]
     multi = c[c["n"] > 1]
     seeds = multi[["model", "recipe", "n", "seeds"]].copy()
     for m in METRICS:
@@ -306,6 +311,7 @@ _MD_FORMAT = {
     "trainable_params": ("trainable params (M)", lambda v: f"{v / 1e6:.2f}"),
     "gflops": (f"GFLOPs/img ({FLOPS_NOTE})", lambda v: f"{v:.3g}"),
     "mean_epoch_time_s": ("train time/epoch (s)", lambda v: f"{v:.3g}"),
+    "total_time_s": ("trial time (s)", lambda v: f"{v:.3g}"),
     "delta_points": ("improved - seed (points)", lambda v: f"{v:+.1f}"),
     "n_matched": ("configs matched", str),
 }
@@ -691,7 +697,8 @@ def swin_findings(run: Run) -> list[Finding]:
                 f"{ft['trainable_params'] / 1e6:.2f}M of {ft['params'] / 1e6:.2f}M params trainable) reaches "
                 f"{_acc(ft)} vs {_acc(sc)} from scratch after {int(ft['epochs_planned'])} epochs "
                 f"({d:+.1f} points for fine-tuning), at {ft['mean_epoch_time_s'] / sc['mean_epoch_time_s']:.2f}x "
-                f"the training time per epoch."), {"size": size, "recipe": recipe, "delta_points": d,
+                f"the training time per epoch and {ft['total_time_s'] / sc['total_time_s']:.2f}x the whole trial's "
+                f"time (evaluation and any one-off feature pass included)."), {"size": size, "recipe": recipe, "delta_points": d,
                                                    "ft_acc": ft["final_test_acc"], "scratch_acc": sc["final_test_acc"]}))
     for (mode, recipe), g in s.groupby(["mode", "recipe"]):
         if set(g["size"]) >= {"tiny", "small"}:

@@ -104,8 +104,7 @@ class ResultsWriter(tune.Callback):
             s = epoch_summary(ep).loc[name]
             fields.update(epochs_done=int(s.epochs_done), final_test_acc=float(s.final_test_acc),
                           best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
-                          mean_epoch_time_s=float(s.mean_epoch_time_s),
-                          total_time_s=float((ep.train_time_s + ep.eval_time_s).sum()),
+                          mean_epoch_time_s=float(s.mean_epoch_time_s), total_time_s=float(s.total_time_s),
                           device=str(ep.device.iloc[-1]))
         for k, v in fields.items():
             trials.loc[i, k] = v

@@ -185,6 +185,21 @@ def test_swin_table(run_dir):
     assert swin.loc["swin-tiny-ft", "trainable_params"] < swin.loc["swin-tiny-ft", "params"]
 
 
+def test_a_swin_trials_time_includes_its_one_off_feature_pass(tmp_path):
+    ft, scratch = trial("swin-tiny-ft", final=0.6, time_s=2.0), trial("swin-tiny-scratch", final=0.1, time_s=20.0)
+    for r in ft[1]:
+        r["cache_time_s"] = 100.0 if r["epoch"] == 1 else 0.0  # the feature pass, paid in the first epoch
+    run = load_run(write_run(tmp_path, [ft, scratch]))
+    swin = summary_tables(run)["swin"].set_index("model")
+    whole = {m: sum(r["train_time_s"] + r["eval_time_s"] for r in rows) for m, rows in
+             (("swin-tiny-ft", ft[1]), ("swin-tiny-scratch", scratch[1]))}
+    assert swin.loc["swin-tiny-ft", "total_time_s"] == pytest.approx(whole["swin-tiny-ft"] + 100.0)
+    assert swin.loc["swin-tiny-scratch", "total_time_s"] == pytest.approx(whole["swin-tiny-scratch"])
+    text = finding(run, "swin_tiny_ft_vs_scratch").text
+    ratio = (whole["swin-tiny-ft"] + 100.0) / whole["swin-tiny-scratch"]
+    assert f"{ratio:.2f}x the whole trial's time" in text and "0.10x the training time per epoch" in text
+
+
 def test_written_tables_and_markdown(report, run_dir):
     out = report.parent
     tables = summary_tables(load_run(run_dir))
