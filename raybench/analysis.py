@@ -560,7 +560,7 @@ def _name(run: Run, row) -> str:
 
 def findings(run: Run) -> list[Finding]:
     """The discussion: each finding is computed here from the data, and absent when the data is."""
-    out = [*best_vit_vs_resnet(run), *knob_findings(run), flops_finding(run), efficiency_finding(run),
+    out = [*best_vit_vs_resnet(run), *resnet_findings(run), *knob_findings(run), flops_finding(run), efficiency_finding(run),
            *swin_findings(run), recipe_finding(run), seed_noise_finding(run)]
     return [f for f in out if f is not None]
 
@@ -576,7 +576,7 @@ def _done(run: Run, family: str | None = None) -> pd.DataFrame:
 def best_vit_vs_resnet(run: Run) -> list[Finding]:
     """Per recipe: the best completed ViT, and its gap to ResNet-18 trained with the same recipe."""
     out = []
-    vits, resnets = _done(run, "vit"), _done(run, "resnet")
+    vits, resnets = _done(run, "vit"), _scratch(_done(run, "resnet"))  # like with like: both from scratch
     for recipe, vit in (vits.groupby("recipe", sort=False) if len(vits) else []):
         best = vit.loc[vit["final_test_acc"].idxmax()]
         text = (f"Best ViT ({recipe} recipe): {best['model']} with {_acc(best)} final test accuracy after "
@@ -596,6 +596,35 @@ def best_vit_vs_resnet(run: Run) -> list[Finding]:
                 text += f" It ties {who} to 0.1 accuracy points."
             values.update(resnet=r["model"], resnet_acc=r["final_test_acc"], gap_points=gap)
         out.append(Finding(f"best_vit_{recipe}", text, values))
+    return out
+
+
+def _scratch(c: pd.DataFrame) -> pd.DataFrame:
+    return c[~c["model"].str.endswith("-pt")] if len(c) else c
+
+
+def resnet_findings(run: Run) -> list[Finding]:
+    """Per recipe: ResNet-18 from ImageNet weights against from scratch, at epoch 10 and at the end."""
+    out = []
+    res = _done(run, "resnet")
+    for recipe, g in (res.groupby("recipe", sort=False) if len(res) else []):
+        pt, sc = g[g["model"].str.endswith("-pt")], _scratch(g)
+        if pt.empty or sc.empty:
+            continue
+        p, s = pt.iloc[0], sc.iloc[0]
+        at10 = ""
+        if pd.notna(p["test_acc_at_10"]) and pd.notna(s["test_acc_at_10"]):
+            at10 = f"after 10 epochs {_pct(p['test_acc_at_10'])} vs {_pct(s['test_acc_at_10'])}, "
+        d = 100 * (p["final_test_acc"] - s["final_test_acc"])
+        out.append(Finding(f"resnet_pretrained_{recipe}", (
+            f"ResNet-18 ({recipe} recipe) from ImageNet weights ({p['model']}, {int(p['image_size'])} px) vs from "
+            f"scratch ({s['model']}, {int(s['image_size'])} px): {at10}at the end {_acc(p)} vs {_acc(s)} "
+            f"({d:+.1f} points), at {p['gflops'] / s['gflops']:.2f}x the FLOPs per image and "
+            f"{p['mean_epoch_time_s'] / s['mean_epoch_time_s']:.2f}x the training time per epoch"
+            + ("; the stem and input size differ too, so the gap is not pretraining alone." if
+               (p["model"].split("-")[1], p["image_size"]) != (s["model"].split("-")[1], s["image_size"]) else ".")),
+            {"recipe": recipe, "delta_points": d, "pretrained_acc": p["final_test_acc"],
+             "scratch_acc": s["final_test_acc"]}))
     return out
 
 
@@ -640,7 +669,7 @@ def flops_finding(run: Run) -> Finding | None:
     text = (f"FLOPs ({FLOPS_NOTE}): the completed ViTs span {lo['gflops']:.3g} ({lo['model']}) to "
             f"{hi['gflops']:.3g} GFLOPs per image ({hi['model']}), {hi['gflops'] / lo['gflops']:.1f}x.")
     values = {"gflops_min": lo["gflops"], "gflops_max": hi["gflops"]}
-    res = _done(run, "resnet")
+    res = _scratch(_done(run, "resnet"))
     if len(res):
         r = res.iloc[0]
         text += f" ResNet-18 ({r['model']}) needs {r['gflops']:.3g}."

@@ -285,6 +285,20 @@ def test_resnet_gap_statement_follows_the_data(tmp_path, resnet_acc):
     assert f.text in report.read_text()
 
 
+def test_vits_are_compared_with_resnet_from_scratch_and_pretraining_with_scratch(tmp_path):
+    accs = {m: vit_acc(m) for m in VITS}  # best ViT at 40%
+    trials = [trial(m, final=a) for m, a in accs.items()]
+    trials += [trial("resnet18-cifar", final=0.38), trial("resnet18-imagenet-pt", final=0.60)]
+    run = load_run(write_run(tmp_path, trials))
+    best = finding(run, "best_vit_seed")
+    assert best.values["resnet"] == "resnet18-cifar" and "It beats ResNet-18 (resnet18-cifar" in best.text
+    pt = finding(run, "resnet_pretrained_seed")
+    assert pt.values["delta_points"] == pytest.approx(22.0)
+    at10 = {r["model"]: r["test_acc_at_10"] for _, r in run.configs.iterrows() if r["family"] == "resnet"}
+    assert (f"after 10 epochs {100 * at10['resnet18-imagenet-pt']:.1f}% vs {100 * at10['resnet18-cifar']:.1f}%"
+            in pt.text) and "not pretraining alone" in pt.text  # the stems differ
+
+
 @pytest.mark.parametrize("patch4_better", [True, False])
 def test_patch_statement_follows_the_data(tmp_path, patch4_better):
     accs = {m: vit_acc(m) if patch4_better else vit_acc(m) - 0.1 * (parse_model_name(m).patch == 4) for m in VITS}
