@@ -161,6 +161,8 @@ def _what_is_missing(df: pd.DataFrame, trials: pd.DataFrame, epochs: pd.DataFram
         done = f"{r.epochs_done} of {int(r.epochs_planned)} epochs recorded"
         if r.status == RUNNING:
             notes.append(f"{r.trial}: still running in trials.parquet, {done}")
+        elif r.status == "pending":
+            notes.append(f"{r.trial}: not started yet, {done}")
         elif r.status != OK:
             notes.append(f"{r.trial}: {r.status} after {done}; error: {r.error or '(no message recorded)'}")
         elif r.epochs_done < r.epochs_planned:
@@ -805,8 +807,9 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     """Writes the tables, the plots (unless given) and report.md into out_dir; returns report.md's path."""
     out_dir = Path(out_dir)
     titles, tables = table_titles(run), summary_tables(run)
-    write_tables(run, out_dir, tables)
+    written = write_tables(run, out_dir, tables)
     plots = make_plots(run, out_dir, tables) if plots is None else plots
+    _remove_stale(out_dir, set(written) | set(plots), tables)
     lines = [f"# raybench analysis: {run.name} ({run.label})", "",
              f"From `{run.path}`: {len(run.per_trial)} trial(s), {len(run.epochs)} epoch row(s). Per-trial numbers "
              "come from the epoch rows (trials.parquet's summary for a trial without any); docs/analysis.md says "
@@ -831,6 +834,20 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+PLOT_STEMS = ("acc_vs_params", "acc_vs_flops", "acc_vs_time", "knob_effects", "recipes")
+
+
+def _remove_stale(out_dir: Path, written: set[Path], tables: dict) -> None:
+    """Drop this module's outputs that an earlier analysis of the folder wrote and this one did not (a table
+    now empty, a plot the data no longer supports), so the folder and the notebook show only this report's
+    files. Nothing else in the folder is touched."""
+    ours = {f"{t}.{ext}" for t in tables for ext in ("md", "parquet")}
+    ours |= {f"{s}.{ext}" for s in PLOT_STEMS for ext in ("png", "svg")}
+    for p in out_dir.iterdir():
+        if p not in written and (p.name in ours or (p.name.startswith("curves_") and p.suffix in (".png", ".svg"))):
+            p.unlink()
 
 
 def analyse(run_dir, out_dir=None) -> Path:

@@ -200,6 +200,19 @@ def test_a_swin_trials_time_includes_its_one_off_feature_pass(tmp_path):
     assert f"{ratio:.2f}x the whole trial's time" in text and "0.10x the training time per epoch" in text
 
 
+def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(run_dir, tmp_path):
+    out = tmp_path / "analysis"
+    analyse(run_dir, out)
+    assert (out / "swin.md").exists() and (out / "curves_swin.png").exists() and (out / "knob_effects.svg").exists()
+    (out / "notes.txt").write_text("mine")  # not the analysis's: stays
+    only_vits = tmp_path / "vits"
+    write_run(only_vits, [trial(m, final=vit_acc(m)) for m in (VITS[0], VITS[3])])  # no knob alone
+    analyse(only_vits, out)
+    assert not (out / "swin.md").exists() and not (out / "curves_swin.png").exists()
+    assert not (out / "knob_effects.svg").exists() and (out / "notes.txt").read_text() == "mine"
+    assert (out / "curves_vit.png").exists() and (out / "vit_resnet.md").exists()
+
+
 def test_written_tables_and_markdown(report, run_dir):
     out = report.parent
     tables = summary_tables(load_run(run_dir))
@@ -368,12 +381,14 @@ def test_partial_run_says_what_is_missing(tmp_path):
     lagging = trial("resnet18-cifar", final=0.38)
     lagging[0]["epochs_done"] = 11  # trials.parquet one report behind the epoch rows
     failed = trial("swin-tiny-scratch", done=1, final=0.01, status="error", error="RuntimeError: boom")
-    folder = write_run(tmp_path / "run", [running, gap, lagging, failed])
+    pending = trial("vit-p8-e256-l4-h2-m2", done=0, status="pending")
+    folder = write_run(tmp_path / "run", [running, gap, lagging, failed, pending])
     run = load_run(folder)
     missing = "\n".join(run.missing)
     assert "vit-p8-e128-l4-h2-m2-seed: still running in trials.parquet, 5 of 12 epochs recorded" in missing
     assert "vit-p4-e128-l4-h2-m2-seed: epoch rows missing from epochs.parquet for epoch(s) 7" in missing
     assert "swin-tiny-scratch-seed: error after 1 of 3 epochs recorded; error: RuntimeError: boom" in missing
+    assert "vit-p8-e256-l4-h2-m2-seed: not started yet, 0 of 12 epochs recorded" in missing
     lag = next(m for m in run.missing if "epochs_done disagrees with the epoch rows" in m)
     assert "resnet18-cifar-seed" in lag
     table = summary_tables(run)["vit_resnet"].set_index("model")

@@ -32,7 +32,8 @@ def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
     err = weights_unavailable(weights)
     if err:
         raise err
-    # A file in the cache is loaded without a hash check: weights_only=True keeps a planted pickle from running.
+    # check_hash covers a download only; a file already in the cache loads unchecked, so weights_only=True keeps
+    # a planted pickle from running.
     return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
 
 
