@@ -113,8 +113,16 @@ def cifar100(data_dir: str | None, download: bool = True) -> Dataset:
         err = _cifar_unavailable(root, download) if not (root / "cifar-100-python").is_dir() else None
         if err or not download:
             raise err or DatasetUnavailable(f"CIFAR-100 in {root} is unreadable and downloads are off") from None
-        print(f"[data] downloading CIFAR-100 into {root} ...", flush=True)
-        train, test = load(True)
+        # Trials packed on one machine start together: one downloads and extracts, the others wait for it and
+        # then read its copy, instead of writing the same archive at once.
+        from filelock import FileLock
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / ".cifar-100-download.lock")):
+            try:
+                train, test = load(False)
+            except RuntimeError:
+                print(f"[data] downloading CIFAR-100 into {root} ...", flush=True)
+                train, test = load(True)
 
     def tensors(ds):
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
