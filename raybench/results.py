@@ -123,7 +123,8 @@ class ResultsWriter(tune.Callback):
             write_atomic(ep, self.epochs_path)
             print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
                   f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
-                  f"  ({row['device']})", flush=True)
+                  f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
+                                            == "synthetic" else ")"), flush=True)
         status = result.get("status", "running")
         self._update_trial(name, ep, status=status, error=result.get("error", ""))
         if status not in ("ok", "running"):
@@ -144,7 +145,8 @@ class ResultsWriter(tune.Callback):
     # --- the end ---
     def summary(self) -> str:
         t = pd.read_parquet(self.trials_path)
-        lines = [f"[grid] {len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items())]
+        lines = [f"[grid] {len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items())
+                 + (" (accuracies on synthetic data)" if t.synthetic.any() else "")]
         for r in t.itertuples():
             acc = "" if math.isnan(r.final_test_acc) else f"final test acc {100 * r.final_test_acc:5.1f}%"
             lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}")

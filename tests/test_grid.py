@@ -30,6 +30,7 @@ def test_smoke_grid_runs_every_trial_and_epoch(smoke_run):
     last = epochs.sort_values("epoch").groupby("trial").test_acc.last()
     assert trials.set_index("trial").final_test_acc.to_dict() == last.to_dict()
     assert "Ray dashboard: http://127.0.0.1:" in out
+    assert "(cpu, synthetic data)" in out and "7 ok (accuracies on synthetic data)" in out  # labelled as it prints
     assert out.strip().splitlines()[-1].endswith(str(run_dir))
     assert (run_dir / "analysis" / "report.md").stat().st_size > 0
 
