@@ -51,6 +51,7 @@ DEFAULT_TEMP_DIR = "/tmp/raybench-cluster"
 MAX_TEMP_DIR_CHARS = 40
 MARKER_ENV = "RAYBENCH_LOCAL_CLUSTER"  # its value, the temp dir, is in the environment of every process
 STATE_FILE = "raybench-cluster.json"
+RAY_WORKER_PORTS = (10002, 19999)  # Ray's default --min-worker-port / --max-worker-port
 LOOPBACK = "127.0.0.1"
 
 
@@ -125,7 +126,7 @@ class LocalCluster:
     """A running local cluster. `address` is the GCS address for `ray.init(address=...)` / RAY_ADDRESS."""
     address: str  # 127.0.0.1:<port>
     dashboard_url: str  # http://127.0.0.1:<dashboard port>; job submission API too
-    temp_dir: str  # Ray's --temp-dir: sessions, logs, sockets, the effective config and the token
+    temp_dir: str  # Ray's --temp-dir: sessions, logs, sockets (Ray makes it writable by every user)
     token_path: str  # the cluster's auth token (RAY_AUTH_TOKEN_PATH)
     config_path: str  # the autoscaling config the head runs with (a copy of the user's, see start)
 
@@ -164,17 +165,26 @@ def start_local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, p
                            f"`python -m raybench.cluster down-local --temp-dir {temp}` first")
     # A port in use does not always stop `ray start`: a head whose dashboard agent cannot bind starts anyway and
     # then refuses jobs ("No available agent to submit job").
-    busy = [p for p in (port, dashboard_port, client_port, agent_port) if not _port_free(p)]
+    ports = (port, dashboard_port, client_port, agent_port)
+    if len(set(ports)) < len(ports) or any(RAY_WORKER_PORTS[0] <= p <= RAY_WORKER_PORTS[1] for p in ports):
+        raise ValueError(f"ports {list(ports)} (port, dashboard, client, agent): must differ and lie outside Ray's "
+                         f"worker port range {RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}")
+    busy = [p for p in ports if not _port_free(p)]
     if busy:
         raise RuntimeError(f"port(s) {busy} on {LOOPBACK} are in use (another Ray?): pass free ones")
+    if temp.is_symlink() or (temp.exists() and temp.stat().st_uid != os.getuid()):
+        raise RuntimeError(f"temp dir {temp} exists and is not a folder of this user's: pick another --temp-dir")
     temp.mkdir(parents=True, exist_ok=True)
 
-    token_path = temp / "auth_token"
+    # Ray makes its temp dir writable by every user, so the token and the config the autoscaler re-reads live
+    # in a folder only this user can enter.
+    private = private_dir(temp)
+    token_path = private / "auth_token"
     token_path.write_text(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes
     token_path.chmod(0o600)
     run_config = copy.deepcopy(config)
     run_config["provider"]["gcs_address"] = f"{LOOPBACK}:{port}"
-    run_config_path = temp / "autoscaling.yaml"
+    run_config_path = private / "autoscaling.yaml"
     run_config_path.write_text(yaml.safe_dump(run_config, sort_keys=False))
 
     cluster = LocalCluster(f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}", str(temp),
@@ -202,8 +212,22 @@ def start_local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, p
         stop_local_cluster(cluster)
         raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}); logs under {temp}:\n"
                            + (proc.stdout + proc.stderr)[-3000:])
-    (temp / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=1))
+    (private / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=1))
     return cluster
+
+
+def private_dir(temp_dir: str | os.PathLike) -> Path:
+    """This user's folder (mode 0700) for a local cluster's token, autoscaling config and state, keyed by its
+    temp dir: under RAYBENCH_CACHE (default ~/.cache/raybench)/clusters/."""
+    key = str(Path(temp_dir).absolute()).strip("/").replace("/", "--")
+    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench")) / "clusters"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / key
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.is_symlink() or path.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{path} is not a folder of this user's")
+    path.chmod(0o700)
+    return path
 
 
 def _port_free(port: int) -> bool:
@@ -217,7 +241,7 @@ def _port_free(port: int) -> bool:
 
 def load_local_cluster(temp_dir: str | os.PathLike = DEFAULT_TEMP_DIR) -> LocalCluster:
     """The cluster that `start_local_cluster` / `up-local` started with this temp dir."""
-    state = Path(temp_dir) / STATE_FILE
+    state = private_dir(temp_dir) / STATE_FILE
     if not state.exists():
         raise FileNotFoundError(f"no local cluster recorded in {state}: start one with "
                                 "`python -m raybench.cluster up-local`")
@@ -242,9 +266,12 @@ def cluster_processes(temp_dir: str | os.PathLike) -> list:
     for p in psutil.process_iter(["pid", "cmdline"], ad_value=None):
         if p.pid in exclude:
             continue
-        cmdline = " ".join(p.info["cmdline"] or [])
-        by_hand = ((f"{temp}/session_" in cmdline or f"--temp-dir={temp}" in cmdline)
-                   and ("site-packages/ray/" in cmdline or "-m ray." in cmdline))
+        args = p.info["cmdline"] or []
+        cmdline = " ".join(args)
+        # whole arguments: /tmp/raybench-cluster must not match /tmp/raybench-cluster-2
+        names_temp = any(a == f"--temp-dir={temp}" or a.startswith(f"{temp}/session_") or f"={temp}/session_" in a
+                         for a in args)
+        by_hand = names_temp and ("site-packages/ray/" in cmdline or "-m ray." in cmdline)
         if by_hand or _has_marker(p, marker):
             found[p.pid] = p
     for p in list(found.values()):
@@ -325,7 +352,7 @@ def stop_local_cluster(cluster: LocalCluster | str | os.PathLike, grace_s: float
                 p.kill()
         psutil.wait_procs(alive, timeout=2.0)
     with contextlib.suppress(FileNotFoundError):
-        (Path(temp) / STATE_FILE).unlink()
+        (private_dir(temp) / STATE_FILE).unlink()
     return len(signalled)
 
 
@@ -341,6 +368,7 @@ def local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, port: i
         stop_local_cluster(cluster)
         if not keep_temp_dir:
             shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+            shutil.rmtree(private_dir(cluster.temp_dir), ignore_errors=True)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
@@ -378,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (ClusterConfigError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # Ray's autoscaler code does the validating and starting
+        print(f"error: {e.name or e}: not installed here; `pip install 'ray[default]'` (scripts/setup.sh does)",
+              file=sys.stderr)
         return 1
 
 

@@ -84,6 +84,36 @@ def test_cli_refuses_bad_local_cluster_arguments_before_starting_anything(tmp_pa
     run = subprocess.run([sys.executable, "-m", "raybench.cluster", "env-local", "--temp-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "no local cluster" in run.stderr
+    short = Path(tempfile.mkdtemp(prefix="rbc-", dir="/tmp"))  # temp dirs must be short (socket paths)
+    for ports, message in ((["--port", "6390", "--dashboard-port", "6390"], "must differ"),
+                           (["--client-port", "11091"], "worker port range 10002-19999")):
+        run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir",
+                              str(short / "t"), *ports], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and message in run.stderr and not (short / "t").exists(), run.stderr
+    if os.getuid() == 0:  # as root, make a folder that belongs to someone else, as another user could
+        foreign = short / "f"
+        foreign.mkdir()
+        os.chown(foreign, 65534, 65534)
+        run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir", str(foreign)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "is not a folder of this user's" in run.stderr, run.stderr
+    import shutil
+    shutil.rmtree(short)
+
+
+def test_a_cluster_is_told_apart_from_one_whose_temp_dir_extends_its_name(tmp_path):
+    temp = str(tmp_path / "rbc")
+    # looks like the dashboard of another cluster, started with --temp-dir=<temp>-2
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              "/x/site-packages/ray/dashboard/dashboard.py", f"--temp-dir={temp}-2"])
+    try:
+        wait = time.monotonic() + 10
+        while other.pid not in [p.pid for p in cluster_processes(temp + "-2")] and time.monotonic() < wait:
+            time.sleep(0.1)
+        assert other.pid in [p.pid for p in cluster_processes(temp + "-2")]
+        assert other.pid not in [p.pid for p in cluster_processes(temp)]  # down-local on temp leaves it alone
+    finally:
+        other.kill()
 
 
 def test_cli_validate():
@@ -211,6 +241,10 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
            "LANG": "C.UTF-8", **fake_cluster.driver_env()}
     start_nodes = _nodes(fake_cluster, env, tmp_path)
+    # The token and the config the autoscaler re-reads are outside Ray's world-writable temp dir, private.
+    private = Path(fake_cluster.token_path).parent
+    assert Path(fake_cluster.config_path).parent == private and not private.is_relative_to(fake_cluster.temp_dir)
+    assert private.stat().st_mode & 0o777 == 0o700 and Path(fake_cluster.token_path).stat().st_mode & 0o777 == 0o600
     run = subprocess.run([sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--address",
                           fake_cluster.address, "--gpus", "2", "--cpus-per-trial", "0.5", "--results-dir",
                           str(tmp_path), "--name", "fake", "--no-analysis"],
