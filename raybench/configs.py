@@ -6,6 +6,7 @@ A model config's `name` is the join key everywhere: Ray trial name, Parquet `tri
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
@@ -41,6 +42,22 @@ def _positive(obj, *names):
             raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be a positive number")
 
 
+def _whole(obj, *names):
+    """Counts and sizes must be ints: 4.0 would pass here and break inside torch, and name 'vit-p4.0-...'."""
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be a whole number (no decimal point)")
+
+
+def _flag(obj, *names):
+    """YAML's "false" in quotes is a non-empty string, which Python takes as True."""
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be true or false (unquoted in YAML)")
+
+
 def _choice(obj, name, choices):
     v = getattr(obj, name)
     if v not in choices:
@@ -65,9 +82,7 @@ class ViTConfig:
 
     def __post_init__(self):
         _positive(self, "patch", "dim", "depth", "heads", "mlp_ratio", "image_size", "num_classes")
-        for n in ("patch", "dim", "depth", "heads", "image_size", "num_classes"):
-            if int(getattr(self, n)) != getattr(self, n):
-                raise ConfigError(f"ViTConfig.{n}={getattr(self, n)!r}: must be an integer")
+        _whole(self, "patch", "dim", "depth", "heads", "image_size", "num_classes")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ViTConfig.dropout={self.dropout!r}: must be in [0, 1)")
         if self.image_size % self.patch:
@@ -101,6 +116,8 @@ class ResNetConfig:
     def __post_init__(self):
         _choice(self, "stem", {"cifar", "imagenet"})
         _positive(self, "image_size", "num_classes")
+        _whole(self, "image_size", "num_classes")
+        _flag(self, "pretrained")
         if self.pretrained and self.stem != "imagenet":
             raise ConfigError("ResNetConfig.pretrained=True: ImageNet weights need stem='imagenet' "
                               f"(got stem={self.stem!r})")
@@ -119,6 +136,8 @@ class SwinConfig:
 
     def __post_init__(self):
         _positive(self, "num_classes")
+        _whole(self, "num_classes")
+        _flag(self, "finetune")
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: must be a hub name "
                               f"({', '.join(SWIN_ARCHS)}) or a local folder")
@@ -164,15 +183,23 @@ class Recipe:
     AUGMENTS: ClassVar[frozenset] = frozenset({"crop", "flip"})
 
     def __post_init__(self):
-        object.__setattr__(self, "augment", tuple(self.augment))
         _choice(self, "optimizer", {"adam", "adamw"})
         _choice(self, "schedule", {"constant", "cosine"})
+        if isinstance(self.augment, str):
+            raise ConfigError(f"Recipe.augment={self.augment!r}: must be a list, such as [crop, flip]")
+        object.__setattr__(self, "augment", tuple(self.augment))
+        if isinstance(self.lr, str):  # YAML 1.1 reads 1e-3 (no decimal point) as a string
+            raise ConfigError(f"Recipe.lr={self.lr!r}: must be a positive number; in YAML write 1.0e-3, not 1e-3")
         _positive(self, "lr", "batch_size", "epochs")
-        if int(self.batch_size) != self.batch_size or int(self.epochs) != self.epochs:
-            raise ConfigError(f"Recipe batch_size={self.batch_size!r} / epochs={self.epochs!r}: must be integers")
+        _whole(self, "batch_size", "epochs")
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"Recipe.lr={self.lr!r}: must be a finite positive number")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"Recipe: weight_decay={self.weight_decay}, warmup_epochs={self.warmup_epochs} "
                               f"must be >= 0 and label_smoothing={self.label_smoothing} in [0, 1)")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"Recipe.warmup_epochs={self.warmup_epochs}: must be <= epochs={self.epochs} (the "
+                              "learning rate would never reach its peak)")
         bad = set(self.augment) - self.AUGMENTS
         if bad:
             raise ConfigError(f"Recipe.augment={list(self.augment)!r}: unknown {sorted(bad)}; "
@@ -202,6 +229,8 @@ class DataSpec:
     def __post_init__(self):
         _choice(self, "name", {"cifar100", "synthetic", "imagefolder"})
         _positive(self, "train_size", "test_size")
+        _whole(self, "train_size", "test_size")
+        _flag(self, "download")
         if self.name == "imagefolder" and not self.data_dir:
             raise ConfigError("DataSpec.data_dir=None: dataset 'imagefolder' needs --data-dir "
                               "(a folder with train/<class>/* and test/<class>/*)")
@@ -217,6 +246,10 @@ class TrialSpec:
     multi_seed: bool = False  # the experiment repeats trials over seeds: put the seed in the name
     compile: bool = False  # torch.compile the model (compile time is reported apart from epoch time)
 
+    def __post_init__(self):
+        _whole(self, "seed")
+        _flag(self, "multi_seed", "compile")
+
     @property
     def name(self) -> str:
         return f"{self.model.name}-{self.recipe.name}" + (f"-s{self.seed}" if self.multi_seed else "")
@@ -230,8 +263,8 @@ class TrialSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
         return cls(model=model_from_dict(d["family"], d["model"]), recipe=Recipe(**d["recipe"]),
-                   data=DataSpec(**d["data"]), seed=int(d["seed"]), multi_seed=bool(d.get("multi_seed")),
-                   compile=bool(d.get("compile", False)))
+                   data=DataSpec(**d["data"]), seed=d["seed"], multi_seed=d.get("multi_seed", False),
+                   compile=d.get("compile", False))
 
 
 def model_from_dict(family: str, fields: dict) -> ModelConfig:

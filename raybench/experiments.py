@@ -82,9 +82,10 @@ def _resources(where: str, r) -> dict:
         raise ExperimentError(f"{where}: resources={r!r} must be a mapping like {{cpu: 1, gpu: 0.5}}")
     _check_keys(f"{where} resources", r, RESOURCE_KEYS)
     for k, v in r.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "gpu" and v > 1 and v != int(v)):
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "cpu" and v == 0)
+                or (k == "gpu" and v > 1 and v != int(v))):
             raise ExperimentError(f"{where}: resources.{k}={v!r} must be a number >= 0 "
-                                  "(gpu: a fraction <= 1 or a whole number)")
+                                  "(cpu: > 0, a trial's torch threads; gpu: a fraction <= 1 or a whole number)")
     return dict(r)
 
 
@@ -96,16 +97,26 @@ def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
     if "grid" in entry:
         if not isinstance(entry["grid"], dict):
             raise ExperimentError(f"{where}: grid={entry['grid']!r} must be a mapping of field -> list of values")
+        beside = sorted(set(entry) - {"grid"} - ENTRY_KEYS)
+        if beside or "name" in entry or "family" in entry:
+            raise ExperimentError(f"{where}: {sorted(set(beside) | ({'name', 'family'} & set(entry)))} beside grid: "
+                                  "put model fields (and family) inside grid, as lists or single values")
         grid = dict(entry["grid"])
         family = grid.pop("family", None)
         if family not in FAMILIES:
             raise ExperimentError(f"{where}: grid.family={family!r} must be one of {sorted(FAMILIES)}")
         keys = list(grid)
         values = [v if isinstance(v, list) else [v] for v in grid.values()]
+        empty = [k for k, v in zip(keys, values) if not v]
+        if empty:
+            raise ExperimentError(f"{where}: grid.{empty[0]}=[]: give at least one value")
         return [model_from_dict(family, {"num_classes": num_classes, **dict(zip(keys, combo))})
                 for combo in itertools.product(*values)]
     fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-    if "name" in entry and "family" not in entry:
+    if "name" in entry and "family" in entry:
+        raise ExperimentError(f"{where}: name={entry['name']!r} and family={entry['family']!r}: give a name (with "
+                              "fields that refine it) or a family with its fields, not both")
+    if "name" in entry:
         base = parse_model_name(entry["name"], num_classes=num_classes)
         # fields beside a name refine it (`{name: swin-tiny-ft, checkpoint: /path}`); the trial is named
         # after the resulting config
@@ -182,8 +193,9 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
 
     trials, resources = [], {}
     for i, entry in enumerate(doc["models"]):
-        where = f"{path}: models[{i}]" + (f" ({entry.get('name') or entry.get('family')})"
-                                          if isinstance(entry, dict) else f" ({entry})")
+        label = (entry.get("name") or entry.get("family") or ("grid" if "grid" in entry else None)
+                 if isinstance(entry, dict) else entry)
+        where = f"{path}: models[{i}]" + (f" ({label})" if label else "")
         if isinstance(entry, dict):
             _check_keys(where, entry, ENTRY_KEYS | MODEL_FIELDS)
         try:
@@ -211,4 +223,6 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
                         raise ExperimentError(f"{where}: trial {spec.name!r} appears twice")
                     trials.append(spec)
                     resources[spec.name] = {**top_res, **entry_res}
+    if not trials:
+        raise ExperimentError(f"{path}: no trials (models: [] or empty grids)")
     return Experiment(doc.get("name", path.stem), str(path), trials, resources, doc.get("description", ""))

@@ -1,8 +1,10 @@
 """Experiment files into trial specs: the built-in studies, overrides, and fields beside a model name."""
 import json
 
+import pytest
+
 from raybench.configs import SwinConfig
-from raybench.experiments import load_experiment
+from raybench.experiments import ExperimentError, load_experiment
 
 
 def test_builtin_studies_have_the_trials_the_study_names():
@@ -37,3 +39,23 @@ def test_fields_beside_a_name_refine_the_model(tmp_path, tiny_swin_dir):
     swin, vit = (t.model for t in load_experiment(str(path)).trials)
     assert swin.checkpoint == tiny_swin_dir and swin.finetune
     assert vit.dropout == 0.1 and vit.name == "vit-p8-e32-l1-h2-m2"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"models": [{"family": "vit", "patch": 4.0}]}, r"patch=4\.0: must be a whole number"),
+    ({"models": [{"name": "resnet18-imagenet", "pretrained": "false"}]}, r"pretrained='false'.*true or false"),
+    ({"models": ["resnet18-cifar"], "dataset": {"name": "synthetic", "train_size": 100.5}}, r"train_size=100\.5"),
+    ({"models": ["resnet18-cifar"], "recipe": {"lr": "1e-3"}}, r"lr='1e-3'.*write 1\.0e-3"),
+    ({"models": ["resnet18-cifar"], "recipe": {"augment": "crop"}}, r"augment='crop': must be a list"),
+    ({"models": ["resnet18-cifar"], "recipe": {"warmup_epochs": 40}}, r"warmup_epochs=40: must be <= epochs=30"),
+    ({"models": ["resnet18-cifar"], "resources": {"cpu": 0}}, r"resources\.cpu=0"),
+    ({"models": ["resnet18-cifar"], "seeds": [True]}, r"seed=True: must be a whole number"),
+    ({"models": [{"grid": {"family": "vit", "patch": []}}]}, r"models\[0\] \(grid\): grid\.patch=\[\]"),
+    ({"models": [{"grid": {"family": "vit", "patch": [4, 8]}, "dim": 64}]}, r"\['dim'\] beside grid"),
+    ({"models": [{"name": "resnet18-cifar", "family": "vit", "patch": 4}]}, r"give a name .* not both"),
+])
+def test_values_that_would_fail_inside_a_trial_are_refused_when_loading(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(str(path))
