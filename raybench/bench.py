@@ -45,8 +45,11 @@ DEFAULT_MODELS = ("vit-p8-e256-l4-h2-m2", "resnet18-cifar", "swin-micro-ft")
 STUDIES = ("seed",)
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 LOOP_REFERENCE, LOOP_RAYBENCH, LOOP_HEAD, LOOP_COMPILE = "reference", "raybench", "raybench-head", "raybench-compile"
+LOOP_REFERENCE_AMP = "reference-bf16"
 LOOP_NOTES = {
     LOOP_REFERENCE: "DataLoader + per-sample PIL ToTensor/Normalize, fp32, Adam",
+    LOOP_REFERENCE_AMP: "the reference loop under bf16 autocast (CUDA only): what precision alone buys, so the "
+                        "rest of raybench's ratio is its data path and step",
     LOOP_RAYBENCH: "raybench Trial, first epoch; a cached trial's one-off feature pass (train + test set) included",
     LOOP_HEAD: "raybench Trial, a cached trial's head epoch alone (feature pass excluded)",
     LOOP_COMPILE: "raybench Trial with torch.compile; compile time reported apart: cold = the first Trial's "
@@ -126,11 +129,11 @@ class ReferenceImages(torch.utils.data.Dataset):
 class ReferenceLoop:
     """Model, optimiser and DataLoader of the plain loop; `epoch()` trains over the loader once."""
 
-    def __init__(self, spec: TrialSpec, data: Dataset, device: torch.device, workers: int):
+    def __init__(self, spec: TrialSpec, data: Dataset, device: torch.device, workers: int, bf16: bool = False):
         from torchvision import transforms
         from raybench.models import build_model
         torch.manual_seed(spec.seed)
-        self.device = device
+        self.device, self.bf16 = device, bf16
         self.model = build_model(spec.model).to(device)
         mean, std = data.mean_std
         mean, std = (self.model.mean, self.model.std) if self.model.mean is not None else (mean.tolist(), std.tolist())
@@ -153,7 +156,8 @@ class ReferenceLoop:
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            loss = F.cross_entropy(self.model(x), y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = F.cross_entropy(self.model(x).float(), y)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -190,7 +194,7 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
 
     def row(loop, repeat, seconds, **extra):
         rows.append({**base, "loop": loop, "repeat": repeat, "epoch_time_s": seconds, "images_per_s": n / seconds,
-                     "workers": workers if loop == LOOP_REFERENCE else 0,
+                     "workers": workers if loop in (LOOP_REFERENCE, LOOP_REFERENCE_AMP) else 0,
                      "precision": "bf16-autocast" if dev.type == "cuda" and loop != LOOP_REFERENCE else "fp32",
                      "cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0, "feature_cache": "",
                      "error": "", **extra})
@@ -198,6 +202,9 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
     # Reference: one DataLoader and model for all repeats, warmed on a few batches.
     ref = ReferenceLoop(spec, data, dev, workers)
     ref.epoch(max_batches=args.warmup_batches)
+    ref_bf16 = ReferenceLoop(spec, data, dev, workers, bf16=True) if dev.type == "cuda" else None
+    if ref_bf16:
+        ref_bf16.epoch(max_batches=args.warmup_batches)
     # raybench: a throwaway Trial on a few batches warms kernels and allocators (the feature pass's batch of
     # 256 too); each repeat then times the first epoch of a fresh Trial, as the Trial itself times it.
     variants = [(LOOP_RAYBENCH, dataclasses.replace(spec, compile=False))]
@@ -211,6 +218,8 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
         seen, dt = ref.epoch()
         assert seen == n
         row(LOOP_REFERENCE, r, dt)
+        if ref_bf16:
+            row(LOOP_REFERENCE_AMP, r, ref_bf16.epoch()[1])
         for loop, s in variants:
             rec = raybench_epoch(s, data, device, threads)
             extra = dict(cache_time_s=rec["cache_time_s"], compile_time_s=rec["compile_time_s"],
