@@ -220,7 +220,10 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
                 for seed in seed_list:
                     spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1)
                     if any(t.name == spec.name for t in trials):
-                        raise ExperimentError(f"{where}: trial {spec.name!r} appears twice")
+                        raise ExperimentError(
+                            f"{where}: trial {spec.name!r} appears twice (a model listed twice, or configs that "
+                            "differ only in fields the name leaves out: dropout, image_size, or a Swin checkpoint's parent folders); "
+                            "every trial needs its own name")
                     trials.append(spec)
                     resources[spec.name] = {**top_res, **entry_res}
     if not trials:
