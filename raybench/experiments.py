@@ -222,8 +222,8 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
                     if any(t.name == spec.name for t in trials):
                         raise ExperimentError(
                             f"{where}: trial {spec.name!r} appears twice (a model listed twice, or configs that "
-                            "differ only in fields the name leaves out: dropout, image_size, or a Swin checkpoint's parent folders); "
-                            "every trial needs its own name")
+                            "differ only in what the name leaves out: dropout, image_size, a Swin checkpoint's "
+                            "parent folders); every trial needs its own name")
                     trials.append(spec)
                     resources[spec.name] = {**top_res, **entry_res}
     if not trials:
