@@ -562,7 +562,8 @@ def _name(run: Run, row) -> str:
 
 def findings(run: Run) -> list[Finding]:
     """The discussion: each finding is computed here from the data, and absent when the data is."""
-    out = [*best_vit_vs_resnet(run), *resnet_findings(run), *knob_findings(run), flops_finding(run), efficiency_finding(run),
+    out = [*best_vit_vs_resnet(run), *resnet_findings(run), *knob_findings(run), flops_finding(run),
+           efficiency_finding(run),
            *swin_findings(run), recipe_finding(run), seed_noise_finding(run)]
     return [f for f in out if f is not None]
 

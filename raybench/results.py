@@ -17,7 +17,8 @@ from ray import tune
 from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
 
 EPOCH_COLUMNS = ["trial", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s",
-                 "eval_time_s", "images_per_s", "peak_memory_mb", "lr", "status", "device", "threads", "node_id", "gpu_ids",
+                 "eval_time_s", "images_per_s", "peak_memory_mb", "lr", "status", "device", "threads", "node_id",
+                 "gpu_ids",
                  "pid", "started_at", "finished_at", "cache_time_s", "compile_time_s", "feature_cache", "compiled"]
 
 

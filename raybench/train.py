@@ -123,7 +123,8 @@ class Trial:
     # --- checkpoints (plain tensors and numbers: they load with weights_only=True) ---
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
-                "step": self.step, "status": self.status, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "status": self.status, "gen": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "spec": self.spec.to_dict()}
 
