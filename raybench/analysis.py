@@ -788,8 +788,9 @@ def caveats(run: Run) -> list[str]:
     out.append(f"Device: {', '.join(run.devices) or 'not recorded'}"
                + (f" on {run.epochs['node_id'].nunique()} Ray node(s)" if "node_id" in run.epochs
                   and run.epochs["node_id"].astype(str).str.len().gt(0).any() else "")
-               + ". Times are training steps only (no evaluation, compilation or caching), mean over recorded "
-                 "epochs; trials sharing a GPU slow each other down.")
+               + ". Time per epoch is training steps only (mean over recorded epochs); trial time adds "
+                 "evaluation, compilation and a frozen backbone's feature pass; trials sharing a GPU slow each "
+                 "other down.")
     versions = {c: sorted(set(pt[c].dropna().astype(str)) - {""}) for c in
                 ("torch_version", "ray_version", "transformers_version", "git_commit") if c in pt}
     versions = [f"{c.replace('_version', '').replace('_', ' ')} {', '.join(v)}" for c, v in versions.items() if v]
