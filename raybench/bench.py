@@ -90,9 +90,14 @@ def timing_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def bench_spec(name: str, images: int, test_images: int, batch_size: int | None, compile: bool = False) -> TrialSpec:
-    cfg = timing_config(parse_model_name(name, num_classes=100))
-    recipe = default_recipe("seed", cfg)
+def bench_spec(name: str | TrialSpec, images: int, test_images: int, batch_size: int | None,
+               compile: bool = False) -> TrialSpec:
+    """One epoch of a model name (seed recipe) or of an experiment's trial (its own model and recipe)."""
+    if isinstance(name, TrialSpec):
+        cfg, recipe = timing_config(name.model), name.recipe
+    else:
+        cfg = timing_config(parse_model_name(name, num_classes=100))
+        recipe = default_recipe("seed", cfg)
     if batch_size:
         recipe = dataclasses.replace(recipe, batch_size=batch_size)
     return TrialSpec(cfg, dataclasses.replace(recipe, epochs=1), DataSpec("synthetic", None, images, test_images),
@@ -178,11 +183,13 @@ def raybench_epoch(spec: TrialSpec, data: Dataset, device: str, threads: int | N
     return rec
 
 
-def measure_model(name: str, data: Dataset, device: str, args, repeats: int, bench: str = "throughput") -> list[dict]:
-    """Timed epochs of the reference loop and of raybench's Trial for one model on one device: one row each."""
+def measure_model(name: str, data: Dataset, device: str, args, repeats: int, bench: str = "throughput",
+                  trial: TrialSpec | None = None) -> list[dict]:
+    """Timed epochs of the reference loop and of raybench's Trial for one model (an experiment's `trial`, when
+    given) on one device: one row each."""
     dev = torch.device(device)
     n, n_test = len(data.train_y), len(data.test_y)
-    spec = bench_spec(name, n, n_test, args.batch_size)
+    spec = bench_spec(trial or name, n, n_test, args.batch_size)
     B = spec.recipe.batch_size
     workers = args.workers if args.workers is not None else (2 if dev.type == "cuda" else 0)
     threads = args.threads if dev.type == "cpu" else None
@@ -464,12 +471,15 @@ def main(argv=None) -> int:
             if not devices:
                 raise ValueError(f"--study {args.study} --device {args.device}: the study runs on CUDA devices only "
                                  "(cuda or cuda:N)")
-            models = [t.model.name for t in study_trials(args.study)]
+            study = {t.model.name: t for t in study_trials(args.study)}
+            models = list(study)
         else:
+            study = {}
             devices = parse_devices(args.device)
             models = [m.strip() for m in args.models.split(",") if m.strip()]
         for m in models:
-            parse_model_name(m)
+            if m not in study:  # an experiment's trials are built already; names may be custom
+                parse_model_name(m)
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -486,7 +496,7 @@ def main(argv=None) -> int:
         for name in models:
             print(f"[bench] {device} {name}: {n} images, {repeats} timed epoch(s) per loop", flush=True)
             try:
-                rows = measure_model(name, data, device, args, repeats, bench)
+                rows = measure_model(name, data, device, args, repeats, bench, study.get(name))
             except Exception as e:  # a failed model is a row, not a crash
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
