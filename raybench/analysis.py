@@ -587,6 +587,8 @@ def best_vit_vs_resnet(run: Run) -> list[Finding]:
                 f"{best['gflops']:.3g} GFLOPs/img).")
         values = {"best_vit": best["model"], "recipe": recipe, "best_vit_acc": best["final_test_acc"]}
         res = resnets[resnets["recipe"] == recipe] if len(resnets) else resnets
+        if len(res) and (res["image_size"] == best["image_size"]).any():  # and at the ViTs' input size
+            res = res[res["image_size"] == best["image_size"]]
         if len(res):
             r = res.loc[res["final_test_acc"].idxmax()]
             gap = 100 * (r["final_test_acc"] - best["final_test_acc"])
@@ -602,8 +604,12 @@ def best_vit_vs_resnet(run: Run) -> list[Finding]:
     return out
 
 
+def _pretrained(c: pd.DataFrame) -> pd.Series:
+    return c["model"].str.split("-").map(lambda parts: "pt" in parts)
+
+
 def _scratch(c: pd.DataFrame) -> pd.DataFrame:
-    return c[~c["model"].str.endswith("-pt")] if len(c) else c
+    return c[~_pretrained(c)] if len(c) else c
 
 
 def resnet_findings(run: Run) -> list[Finding]:
@@ -611,10 +617,14 @@ def resnet_findings(run: Run) -> list[Finding]:
     out = []
     res = _done(run, "resnet")
     for recipe, g in (res.groupby("recipe", sort=False) if len(res) else []):
-        pt, sc = g[g["model"].str.endswith("-pt")], _scratch(g)
+        pt, sc = g[_pretrained(g)], _scratch(g)
         if pt.empty or sc.empty:
             continue
-        p, s = pt.iloc[0], sc.iloc[0]
+        p = pt.iloc[0]
+        # the scratch run with the same stem and input size, when the study has one, isolates pretraining
+        stem = sc["model"].str.split("-").str[1]
+        same = sc[(stem == p["model"].split("-")[1]) & (sc["image_size"] == p["image_size"])]
+        s = (same if len(same) else sc).iloc[0]
         at10 = ""
         if pd.notna(p["test_acc_at_10"]) and pd.notna(s["test_acc_at_10"]):
             at10 = f"after 10 epochs {_pct(p['test_acc_at_10'])} vs {_pct(s['test_acc_at_10'])}, "

@@ -124,7 +124,11 @@ class ResNetConfig:
 
     @property
     def name(self) -> str:
-        return f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
+        # the input size joins the name when it is not the usual one (32 px from scratch, 224 px pretrained):
+        # resnet18-imagenet-224 is the scratch control for resnet18-imagenet-pt
+        usual = 224 if self.pretrained else 32
+        return (f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
+                + (f"-{self.image_size}" if self.image_size != usual else ""))
 
 
 @dataclass(frozen=True)
@@ -288,15 +292,15 @@ def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) ->
         p, e, l, h, r = m.groups()
         return ViTConfig(int(p), int(e), int(l), int(h), float(r.replace("p", ".")),
                          image_size=image_size, num_classes=num_classes)
-    m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?$", name)
+    m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?(?:-(\d+))?$", name)
     if m:
-        return ResNetConfig(m.group(1), bool(m.group(2)), num_classes=num_classes,
-                            image_size=224 if m.group(2) else image_size)
+        size = int(m.group(3)) if m.group(3) else (224 if m.group(2) else image_size)
+        return ResNetConfig(m.group(1), bool(m.group(2)), num_classes=num_classes, image_size=size)
     m = re.match(r"^swin-(tiny|small|micro)-(ft|scratch)$", name)
     if m:
         return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
     raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>, "
-                      "resnet18-{cifar,imagenet}[-pt] or swin-{tiny,small,micro}-{ft,scratch}")
+                      "resnet18-{cifar,imagenet}[-pt][-<size>] or swin-{tiny,small,micro}-{ft,scratch}")
 
 
 def vit_grid(image_size: int = 32, num_classes: int = 100) -> list[ViTConfig]:

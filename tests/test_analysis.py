@@ -310,6 +310,16 @@ def test_vits_are_compared_with_resnet_from_scratch_and_pretraining_with_scratch
     at10 = {r["model"]: r["test_acc_at_10"] for _, r in run.configs.iterrows() if r["family"] == "resnet"}
     assert (f"after 10 epochs {100 * at10['resnet18-imagenet-pt']:.1f}% vs {100 * at10['resnet18-cifar']:.1f}%"
             in pt.text) and "not pretraining alone" in pt.text  # the stems differ
+    # with the control from scratch at the same stem and size (the full experiment's), it compares with that
+    trials += [trial("resnet18-imagenet-224", final=0.45)]
+    for row, _ in trials:
+        if row["model"] in ("resnet18-imagenet-pt", "resnet18-imagenet-224"):
+            row["image_size"] = 224
+    run = load_run(write_run(tmp_path / "control", trials))
+    assert finding(run, "best_vit_seed").values["resnet"] == "resnet18-cifar"  # 32 px, as the ViTs
+    pt = finding(run, "resnet_pretrained_seed")
+    assert "from scratch (resnet18-imagenet-224, 224 px)" in pt.text and "not pretraining alone" not in pt.text
+    assert pt.values["delta_points"] == pytest.approx(15.0)
 
 
 @pytest.mark.parametrize("patch4_better", [True, False])

@@ -9,13 +9,17 @@ def test_names_follow_the_study():
     assert ViTConfig(8, 512, 4, 4, 4).name == "vit-p8-e512-l4-h4-m4"
     assert ResNetConfig().name == "resnet18-cifar"
     assert ResNetConfig("imagenet", True, image_size=224).name == "resnet18-imagenet-pt"
+    # an unusual input size is part of the name: configs that differ never share one
+    assert ResNetConfig("imagenet", image_size=224).name == "resnet18-imagenet-224"
+    assert ResNetConfig("imagenet", True, image_size=32).name == "resnet18-imagenet-pt-32"
     assert SwinConfig().name == "swin-tiny-ft"
     assert SwinConfig("microsoft/swin-small-patch4-window7-224", finetune=False).name == "swin-small-scratch"
 
 
 def test_every_name_parses_back_to_its_config():
-    for cfg in study_models():
-        assert parse_model_name(cfg.name).name == cfg.name
+    for cfg in [*study_models(), ResNetConfig("imagenet", image_size=224), ResNetConfig(image_size=64),
+                ResNetConfig("imagenet", True, image_size=32)]:
+        assert parse_model_name(cfg.name) == cfg
 
 
 def test_the_vit_grid_has_32_distinct_configs():

@@ -22,6 +22,10 @@ def test_builtin_studies_have_the_trials_the_study_names():
     full = load_experiment("full")
     assert sum(t.model.family == "vit" for t in full.trials) == 32 * 2 and {t.recipe.name for t in full.trials} == {
         "seed", "improved"}
+    # pretrained ResNet-18 and its control from scratch differ in the weights alone
+    pt, control = (next(t.model for t in full.trials if t.model.name == n)
+                   for n in ("resnet18-imagenet-pt", "resnet18-imagenet-224"))
+    assert (pt.stem, pt.image_size, pt.pretrained) == (control.stem, control.image_size, True) and not control.pretrained
 
 
 def test_overrides_and_seeds():
