@@ -94,7 +94,11 @@ class ViTConfig:
 
     @property
     def name(self) -> str:
-        return f"vit-p{self.patch}-e{self.dim}-l{self.depth}-h{self.heads}-m{_fmt(self.mlp_ratio)}"
+        # dropout and input size join the name only when set away from the study's (0, 32 px), so a sweep over
+        # them gives each trial its own name while the study's names stay as the study writes them
+        return (f"vit-p{self.patch}-e{self.dim}-l{self.depth}-h{self.heads}-m{_fmt(self.mlp_ratio)}"
+                + (f"-d{_fmt(self.dropout)}" if self.dropout else "")
+                + (f"-{self.image_size}" if self.image_size != 32 else ""))
 
     @property
     def mlp_hidden(self) -> int:
@@ -282,16 +286,17 @@ def model_from_dict(family: str, fields: dict) -> ModelConfig:
     return cls(**fields)
 
 
-_VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)$")
+_VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)(?:-d(\d+(?:p\d+)?))?(?:-(\d+))?$")
 
 
 def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) -> ModelConfig:
     """`vit-p4-e256-l8-h2-m2`, `resnet18-cifar`, `resnet18-imagenet-pt`, `swin-tiny-ft`, `swin-small-scratch`."""
     m = _VIT_NAME.match(name)
     if m:
-        p, e, l, h, r = m.groups()
+        p, e, l, h, r, d, size = m.groups()
         return ViTConfig(int(p), int(e), int(l), int(h), float(r.replace("p", ".")),
-                         image_size=image_size, num_classes=num_classes)
+                         dropout=float(d.replace("p", ".")) if d else 0.0,
+                         image_size=int(size) if size else image_size, num_classes=num_classes)
     m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?(?:-(\d+))?$", name)
     if m:
         size = int(m.group(3)) if m.group(3) else (224 if m.group(2) else image_size)
@@ -299,7 +304,7 @@ def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) ->
     m = re.match(r"^swin-(tiny|small|micro)-(ft|scratch)$", name)
     if m:
         return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
-    raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>, "
+    raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>[-d<dropout>][-<size>], "
                       "resnet18-{cifar,imagenet}[-pt][-<size>] or swin-{tiny,small,micro}-{ft,scratch}")
 
 

@@ -221,9 +221,8 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
                     spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1)
                     if any(t.name == spec.name for t in trials):
                         raise ExperimentError(
-                            f"{where}: trial {spec.name!r} appears twice (a model listed twice, or configs that "
-                            "differ only in what the name leaves out: dropout, image_size, a Swin checkpoint's "
-                            "parent folders); every trial needs its own name")
+                            f"{where}: trial {spec.name!r} appears twice (a model listed twice, or two Swin "
+                            "checkpoint folders with the same last name); every trial needs its own name")
                     trials.append(spec)
                     resources[spec.name] = {**top_res, **entry_res}
     if not trials:

@@ -12,13 +12,15 @@ def test_names_follow_the_study():
     # an unusual input size is part of the name: configs that differ never share one
     assert ResNetConfig("imagenet", image_size=224).name == "resnet18-imagenet-224"
     assert ResNetConfig("imagenet", True, image_size=32).name == "resnet18-imagenet-pt-32"
+    assert ViTConfig(4, 256, 8, 2, 2, dropout=0.1, image_size=64).name == "vit-p4-e256-l8-h2-m2-d0p1-64"
     assert SwinConfig().name == "swin-tiny-ft"
     assert SwinConfig("microsoft/swin-small-patch4-window7-224", finetune=False).name == "swin-small-scratch"
 
 
 def test_every_name_parses_back_to_its_config():
     for cfg in [*study_models(), ResNetConfig("imagenet", image_size=224), ResNetConfig(image_size=64),
-                ResNetConfig("imagenet", True, image_size=32)]:
+                ResNetConfig("imagenet", True, image_size=32), ViTConfig(4, 256, 8, 2, 2, dropout=0.1),
+                ViTConfig(8, 64, 1, 2, 2.5, dropout=0.25, image_size=64)]:
         assert parse_model_name(cfg.name) == cfg
 
 

@@ -42,7 +42,16 @@ def test_fields_beside_a_name_refine_the_model(tmp_path, tiny_swin_dir):
                                            {"name": "vit-p8-e32-l1-h2-m2", "dropout": 0.1}]}))
     swin, vit = (t.model for t in load_experiment(str(path)).trials)
     assert swin.checkpoint == tiny_swin_dir and swin.finetune
-    assert vit.dropout == 0.1 and vit.name == "vit-p8-e32-l1-h2-m2"
+    assert vit.dropout == 0.1 and vit.name == "vit-p8-e32-l1-h2-m2-d0p1"  # the name says what differs
+
+
+def test_a_sweep_over_fields_beyond_the_study_knobs_names_every_trial(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"models": [{"grid": {"family": "vit", "patch": 8, "dim": 64, "depth": 1,
+                                                     "heads": 2, "dropout": [0.0, 0.1], "image_size": [32, 64]}}]}))
+    assert sorted(t.name for t in load_experiment(str(path)).trials) == [
+        "vit-p8-e64-l1-h2-m2-64-seed", "vit-p8-e64-l1-h2-m2-d0p1-64-seed", "vit-p8-e64-l1-h2-m2-d0p1-seed",
+        "vit-p8-e64-l1-h2-m2-seed"]
 
 
 @pytest.mark.parametrize("content, message", [
