@@ -436,12 +436,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_devices(text: str | None) -> list[str]:
     if not text:
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    from raybench.train import pick_device
     devices = [d.strip() for d in text.split(",") if d.strip()]
     for d in devices:
-        if not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"--device {d!r}: must be cpu, cuda or cuda:N")
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {d!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+        pick_device(d)  # the trial's own check: cpu, cuda or cuda:N of a device this machine has
     return devices
 
 
