@@ -369,6 +369,12 @@ def write_tables(run: Run, out_dir, tables: dict[str, pd.DataFrame] | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- plots
+SCATTERS = (("acc_vs_params", "params_m", "parameters (M, log scale)", True),
+            ("acc_vs_flops", "gflops", f"GFLOPs per image (log scale; {FLOPS_NOTE})", True),
+            ("acc_vs_time", "mean_epoch_time_s", "training time per epoch (s)", None))
+PLOT_STEMS = (*(s[0] for s in SCATTERS), "knob_effects", "recipes")  # and curves_<family>
+
+
 def make_plots(run: Run, out_dir, tables: dict[str, pd.DataFrame] | None = None) -> list[Path]:
     """Writes every plot the data supports as PNG and SVG; returns the files written. `tables` saves
     recomputing summary_tables(run)'s knob effects and recipe pairs."""
@@ -378,10 +384,7 @@ def make_plots(run: Run, out_dir, tables: dict[str, pd.DataFrame] | None = None)
     done = run.configs[run.configs["status"] == OK] if len(run.configs) else run.configs
     if len(done):
         done = done.assign(params_m=done["params"] / 1e6)
-        for stem, col, label, log in (
-                ("acc_vs_params", "params_m", "parameters (M, log scale)", True),
-                ("acc_vs_flops", "gflops", f"GFLOPs per image (log scale; {FLOPS_NOTE})", True),
-                ("acc_vs_time", "mean_epoch_time_s", "training time per epoch (s)", None)):
+        for stem, col, label, log in SCATTERS:
             figures[stem] = _scatter(run, done, col, label, log)
     for family in sorted(run.epochs.merge(run.per_trial[["trial", "family"]], on="trial")["family"].unique()):
         figures[f"curves_{family}"] = _curves(run, family)
@@ -604,8 +607,18 @@ def best_vit_vs_resnet(run: Run) -> list[Finding]:
     return out
 
 
+def _resnet(model: str):
+    from raybench.configs import parse_model_name
+    return parse_model_name(model)
+
+
+def _stem_size(model: str) -> tuple[str, int]:
+    cfg = _resnet(model)
+    return cfg.stem, cfg.image_size
+
+
 def _pretrained(c: pd.DataFrame) -> pd.Series:
-    return c["model"].str.split("-").map(lambda parts: "pt" in parts)
+    return c["model"].map(lambda m: _resnet(m).pretrained)
 
 
 def _scratch(c: pd.DataFrame) -> pd.DataFrame:
@@ -622,8 +635,7 @@ def resnet_findings(run: Run) -> list[Finding]:
             continue
         p = pt.iloc[0]
         # the scratch run with the same stem and input size, when the study has one, isolates pretraining
-        stem = sc["model"].str.split("-").str[1]
-        same = sc[(stem == p["model"].split("-")[1]) & (sc["image_size"] == p["image_size"])]
+        same = sc[sc["model"].map(_stem_size) == _stem_size(p["model"])]
         s = (same if len(same) else sc).iloc[0]
         at10 = ""
         if pd.notna(p["test_acc_at_10"]) and pd.notna(s["test_acc_at_10"]):
@@ -634,8 +646,8 @@ def resnet_findings(run: Run) -> list[Finding]:
             f"scratch ({s['model']}, {int(s['image_size'])} px): {at10}at the end {_acc(p)} vs {_acc(s)} "
             f"({d:+.1f} points), at {p['gflops'] / s['gflops']:.2f}x the FLOPs per image and "
             f"{p['mean_epoch_time_s'] / s['mean_epoch_time_s']:.2f}x the training time per epoch"
-            + ("; the stem and input size differ too, so the gap is not pretraining alone." if
-               (p["model"].split("-")[1], p["image_size"]) != (s["model"].split("-")[1], s["image_size"]) else ".")),
+            + ("; the stem and input size differ too, so the gap is not pretraining alone."
+               if _stem_size(p["model"]) != _stem_size(s["model"]) else ".")),
             {"recipe": recipe, "delta_points": d, "pretrained_acc": p["final_test_acc"],
              "scratch_acc": s["final_test_acc"]}))
     return out
@@ -740,8 +752,9 @@ def swin_findings(run: Run) -> list[Finding]:
                 f"{_acc(ft)} vs {_acc(sc)} from scratch after {int(ft['epochs_planned'])} epochs "
                 f"({d:+.1f} points for fine-tuning), at {ft['mean_epoch_time_s'] / sc['mean_epoch_time_s']:.2f}x "
                 f"the training time per epoch and {ft['total_time_s'] / sc['total_time_s']:.2f}x the whole trial's "
-                f"time (evaluation and any one-off feature pass included)."), {"size": size, "recipe": recipe, "delta_points": d,
-                                                   "ft_acc": ft["final_test_acc"], "scratch_acc": sc["final_test_acc"]}))
+                f"time (evaluation and any one-off feature pass included)."),
+                {"size": size, "recipe": recipe, "delta_points": d, "ft_acc": ft["final_test_acc"],
+                 "scratch_acc": sc["final_test_acc"]}))
     for (mode, recipe), g in s.groupby(["mode", "recipe"]):
         if set(g["size"]) >= {"tiny", "small"}:
             t, sm = g[g["size"] == "tiny"].iloc[0], g[g["size"] == "small"].iloc[0]
@@ -846,9 +859,6 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
-
-
-PLOT_STEMS = ("acc_vs_params", "acc_vs_flops", "acc_vs_time", "knob_effects", "recipes")
 
 
 def _remove_stale(out_dir: Path, written: set[Path], tables: dict) -> None:
