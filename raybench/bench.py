@@ -39,11 +39,10 @@ import torch.nn.functional as F
 
 from raybench.configs import (SWIN_ARCHS, SWIN_MICRO, ConfigError, DataSpec, ModelConfig, ResNetConfig, SwinConfig,
                               TrialSpec, default_recipe, parse_model_name)
-from raybench.data import Dataset, synthetic
+from raybench.data import CIFAR_TEST, CIFAR_TRAIN, Dataset, synthetic
 
 DEFAULT_MODELS = ("vit-p8-e256-l4-h2-m2", "resnet18-cifar", "swin-micro-ft")
 STUDIES = ("seed",)
-CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 LOOP_REFERENCE, LOOP_RAYBENCH, LOOP_HEAD, LOOP_COMPILE = "reference", "raybench", "raybench-head", "raybench-compile"
 LOOP_REFERENCE_AMP = "reference-bf16"
 LOOP_NOTES = {

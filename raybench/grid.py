@@ -50,8 +50,10 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     """GPU memory one trial is estimated to use, the CUDA context aside. Not counted: the transient
     activations of no-grad passes (evaluation and the feature pass run at batch 256), and image folders."""
     from raybench.complexity import swin_arch, training_memory_bytes
+    from raybench.data import CIFAR_TEST, CIFAR_TRAIN
     from raybench.train import CACHE_ON, feature_cache_mode
-    images = {"synthetic": spec.data.train_size + spec.data.test_size, "cifar100": 60_000}.get(spec.data.name, 0)
+    images = {"synthetic": spec.data.train_size + spec.data.test_size,
+              "cifar100": CIFAR_TRAIN + CIFAR_TEST}.get(spec.data.name, 0)
     total = training_memory_bytes(spec.model, spec.recipe.batch_size) + images * 3 * 32 * 32  # uint8, 32 px
     if feature_cache_mode(spec) == CACHE_ON:
         a = swin_arch(spec.model)
@@ -71,14 +73,15 @@ def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) 
     return max(MIN_FRACTION, 2.0 ** math.ceil(math.log2(share)))
 
 
-def allocator_fraction(spec: TrialSpec, share: float, gpu_bytes: int) -> float:
+def allocator_fraction(name: str, need: int, share: float, gpu_bytes: int) -> float:
     """The cap for a trial's CUDA caching allocator: its share of this GPU less the CUDA context's room.
-    Raises when that is below the trial's estimate: the share was sized for a larger GPU (a driver on a
-    machine without CUDA assumes --gpu-memory-gb, default 80 GB), and the trial would run out mid-epoch."""
-    need, cap = trial_memory_bytes(spec), share * gpu_bytes - CUDA_OVERHEAD_BYTES
+    Raises when that is below the trial's estimate `need` (trial_memory_bytes, computed by the driver): the
+    share was sized for a larger GPU (a driver on a machine without CUDA assumes --gpu-memory-gb, default
+    80 GB), and the trial would run out mid-epoch."""
+    cap = share * gpu_bytes - CUDA_OVERHEAD_BYTES
     if cap < need:
         raise RuntimeError(
-            f"{spec.name}: its GPU share {share:g} of this {gpu_bytes / 1e9:.0f} GB GPU leaves {cap / 1e9:.2f} GB "
+            f"{name}: its GPU share {share:g} of this {gpu_bytes / 1e9:.0f} GB GPU leaves {cap / 1e9:.2f} GB "
             f"after the CUDA context, below the {need / 1e9:.2f} GB it is estimated to need; run the grid with "
             f"--gpu-memory-gb {gpu_bytes / 1e9:.0f} so the shares are sized for this GPU")
     return cap / gpu_bytes
@@ -115,8 +118,9 @@ def _tune_trainable():
             res = config["trial"]["resources"]
             use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
             if use_cuda and res["gpu"] < 1:  # before the trial allocates anything
-                torch.cuda.set_per_process_memory_fraction(
-                    allocator_fraction(spec, res["gpu"], torch.cuda.get_device_properties(0).total_memory))
+                torch.cuda.set_per_process_memory_fraction(allocator_fraction(
+                    spec.name, config["trial"]["memory_bytes"], res["gpu"],
+                    torch.cuda.get_device_properties(0).total_memory))
             self.trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(res["cpu"])))
             self.node_id = ray.get_runtime_context().get_node_id()
             self.records = None  # the epoch iterator starts at the first step, after any checkpoint load
@@ -492,7 +496,10 @@ def _run_locked(args, exp: Experiment, resources: dict, run_dir: Path, storage_p
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([
-                    {"name": t.name, "spec": t.to_dict(), "resources": resources[t.name]} for t in exp.trials])},
+                    {"name": t.name, "spec": t.to_dict(), "resources": resources[t.name],
+                     # the estimate its GPU share came from, for setup to check against the real GPU
+                     "memory_bytes": trial_memory_bytes(t) if 0 < resources[t.name]["gpu"] < 1 else 0}
+                    for t in exp.trials])},
                 tune_config=tune.TuneConfig(
                     trial_name_creator=lambda t: t.config["trial"]["name"],
                     trial_dirname_creator=lambda t: t.config["trial"]["name"],

@@ -93,9 +93,10 @@ def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room
     # fp32 pooled features of the 2-stage tiny Swin (24 x 2 channels) for 1200 images, only when cached
     assert trial_memory_bytes(cached) - trial_memory_bytes(augmented) == 1200 * 4 * 48
     # the allocator gets the share less the CUDA context; a share too small for the real GPU fails at start
-    assert allocator_fraction(vit, 0.125, 80e9) == pytest.approx((10e9 - CUDA_OVERHEAD_BYTES) / 80e9)
+    need = trial_memory_bytes(vit)
+    assert allocator_fraction(vit.name, need, 0.125, 80e9) == pytest.approx((10e9 - CUDA_OVERHEAD_BYTES) / 80e9)
     with pytest.raises(RuntimeError, match="--gpu-memory-gb 8"):
-        allocator_fraction(vit, 0.125, 8e9)
+        allocator_fraction(vit.name, need, 0.125, 8e9)
 
 
 def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
