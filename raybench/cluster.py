@@ -178,7 +178,7 @@ def start_local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, p
 
     # Ray makes its temp dir writable by every user, so the token and the config the autoscaler re-reads live
     # in a folder only this user can enter.
-    private = private_dir(temp)
+    private = make_private_dir(temp)
     token_path = private / "auth_token"
     token_path.write_text(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes
     token_path.chmod(0o600)
@@ -217,12 +217,16 @@ def start_local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, p
 
 
 def private_dir(temp_dir: str | os.PathLike) -> Path:
-    """This user's folder (mode 0700) for a local cluster's token, autoscaling config and state, keyed by its
-    temp dir: under RAYBENCH_CACHE (default ~/.cache/raybench)/clusters/."""
+    """Where a local cluster keeps its token, autoscaling config and state, keyed by its temp dir: a folder
+    of this user's under RAYBENCH_CACHE (default ~/.cache/raybench)/clusters/. Created by `make_private_dir`."""
     key = str(Path(temp_dir).absolute()).strip("/").replace("/", "--")
-    root = Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench")) / "clusters"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / key
+    return Path(os.environ.get("RAYBENCH_CACHE", Path.home() / ".cache" / "raybench")) / "clusters" / key
+
+
+def make_private_dir(temp_dir: str | os.PathLike) -> Path:
+    """private_dir(temp_dir), created with mode 0700; refused when it exists and is not this user's."""
+    path = private_dir(temp_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
     if path.is_symlink() or path.stat().st_uid != os.getuid():
         raise RuntimeError(f"{path} is not a folder of this user's")

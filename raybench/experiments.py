@@ -97,10 +97,10 @@ def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
     if "grid" in entry:
         if not isinstance(entry["grid"], dict):
             raise ExperimentError(f"{where}: grid={entry['grid']!r} must be a mapping of field -> list of values")
-        beside = sorted(set(entry) - {"grid"} - ENTRY_KEYS)
-        if beside or "name" in entry or "family" in entry:
-            raise ExperimentError(f"{where}: {sorted(set(beside) | ({'name', 'family'} & set(entry)))} beside grid: "
-                                  "put model fields (and family) inside grid, as lists or single values")
+        beside = sorted(set(entry) - {"grid", "recipe", "resources", "epochs"})  # what describes the model
+        if beside:
+            raise ExperimentError(f"{where}: {beside} beside grid: put model fields (and family) inside grid, "
+                                  "as lists or single values")
         grid = dict(entry["grid"])
         family = grid.pop("family", None)
         if family not in FAMILIES:
