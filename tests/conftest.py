@@ -48,3 +48,25 @@ def smoke_run(tmp_path_factory):
     r = run_grid("--gpus", 2, "--results-dir", results, "--name", "smoke")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return results / "smoke", r.stdout
+
+
+# Tests here run Ray, torch.compile and Trials inside the pytest process. Their native threads crashed the
+# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24, culprit not found)
+# after every test had passed and the summary was printed. The suite's verdict is pytest's exit status, so the process ends with
+# it as soon as pytest is done, before that teardown. Every CLI the tests check runs in its own process and
+# exits normally; this only skips the pytest process's own finalisation.
+_exit_status = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _exit_status is not None:
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)
