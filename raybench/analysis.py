@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from raybench.records import OK, RUNNING, epoch_summary  # noqa: F401  (epoch_summary: re-exported)
+
 FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates, attention matmuls included"
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (dim)", "depth": "depth (blocks)",
                "heads": "attention heads", "mlp_ratio": "MLP ratio"}
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
-OK, RUNNING = "ok", "running"  # any other status (diverged, oom, error) is a failed trial
 TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "params", "trainable_params", "flops",
                  "image_size", "epochs", "device", "dataset", "synthetic", "status", "error")
 EPOCH_COLUMNS = ("trial", "epoch", "test_acc", "train_time_s")
@@ -108,26 +109,6 @@ def _require(df: pd.DataFrame, columns, path: Path):
 
 def _runs_below(folder: Path) -> list[str]:
     return sorted(p.parent.name for p in folder.glob("*/trials.parquet"))
-
-
-def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
-    """Per-trial figures from epoch rows, indexed by trial: the one definition behind trials.parquet's summary
-    columns (raybench.results) and these tables."""
-    ep = epochs.sort_values(["trial", "epoch"])
-    # One-off costs (a frozen backbone's feature pass, compile warm-up) are a trial's time too; runs written
-    # before those columns existed (and hand-made epoch tables) lack them.
-    extra = sum(ep[c].fillna(0.0) if c in ep else 0.0 for c in ("eval_time_s", "cache_time_s", "compile_time_s"))
-    ep = ep.assign(_total=ep["train_time_s"] + extra)
-    g = ep.groupby("trial")
-    return pd.DataFrame({
-        "epochs_done": g.size(),
-        "last_epoch": g["epoch"].max(),
-        "final_test_acc": g.tail(1).set_index("trial")["test_acc"],
-        "best_test_acc": g["test_acc"].max(),
-        "test_acc_at_10": ep[ep["epoch"] == 10].set_index("trial")["test_acc"],
-        "mean_epoch_time_s": g["train_time_s"].mean(),
-        "total_time_s": g["_total"].sum(),
-    })
 
 
 def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:

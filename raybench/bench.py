@@ -24,13 +24,11 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from raybench.configs import (SWIN_ARCHS, SWIN_MICRO, ConfigError, DataSpec, ModelConfig, ResNetConfig, SwinConfig,
                               TrialSpec, default_recipe, parse_model_name)
 from raybench.data import CIFAR_TEST, CIFAR_TRAIN, Dataset, synthetic
+from raybench.records import TIME_COLUMNS, machine_info
 
 DEFAULT_MODELS = ("vit-p8-e256-l4-h2-m2", "resnet18-cifar", "swin-micro-ft")
 STUDIES = ("seed",)
@@ -57,27 +56,6 @@ LOOP_NOTES = {
 
 
 # --- what runs where ----------------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    """Provenance of every number: CPU model, cores, GPU, versions, commit, and how loaded the machine was."""
-    import torchvision
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    from raybench.grid import git_commit
-    return {"hostname": platform.node(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-            "cuda_version": torch.version.cuda or "", "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__, "python_version": platform.python_version(),
-            "platform": platform.platform(), "git_commit": git_commit(),
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
 
 def timing_config(cfg: ModelConfig) -> ModelConfig:
     """The same architecture with weights that need no download (random where pretrained ones would be)."""
@@ -274,9 +252,9 @@ def grid_trial_times(run_dir: Path) -> dict:
     out = {"trials": int(ep.trial.nunique()), "epochs": len(ep), "train_time_s": total("train_time_s"),
            "eval_time_s": total("eval_time_s"), "cache_time_s": total("cache_time_s"),
            "compile_time_s": total("compile_time_s")}
-    out["trial_time_s"] = sum(out[k] for k in ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s"))
+    out["trial_time_s"] = sum(out[k] for k in TIME_COLUMNS)
     out["epochs_window_s"] = float(ep.finished_at.max() - ep.started_at.min())
-    cols = [c for c in ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s") if c in ep]
+    cols = [c for c in TIME_COLUMNS if c in ep]
     out["per_trial_s"] = {k: float(v) for k, v in ep[cols].fillna(0).sum(axis=1).groupby(ep.trial).sum().items()}
     return out
 
@@ -288,7 +266,7 @@ def run_sequential(experiment: str, only: str | None, threads: int | None) -> di
     from raybench.train import Trial
     t0 = time.perf_counter()
     exp = select(load_experiment(experiment), only)
-    keys = ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s")
+    keys = TIME_COLUMNS
     out = {"trials": len(exp.trials), "epochs": 0, **{k: 0.0 for k in keys}, "per_trial_s": {}}
     for spec in exp.trials:
         for rec in Trial(spec, device="cpu", threads=threads).epochs():
@@ -296,7 +274,7 @@ def run_sequential(experiment: str, only: str | None, threads: int | None) -> di
             for k in keys:
                 out[k] += rec.get(k, 0.0)
             out["per_trial_s"][spec.name] = out["per_trial_s"].get(spec.name, 0.0) + sum(rec.get(k, 0.0) for k in keys)
-    out["trial_time_s"] = sum(out[k] for k in ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s"))
+    out["trial_time_s"] = sum(out[k] for k in TIME_COLUMNS)
     out["in_process_wall_s"] = time.perf_counter() - t0
     return out
 

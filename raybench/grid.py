@@ -14,7 +14,6 @@ import fnmatch
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from raybench.configs import TrialSpec
 from raybench.experiments import Experiment, ExperimentError, builtin_experiments, load_experiment
+from raybench.records import git_commit
 
 # Tune snapshots the experiment state every >= 10 s by default; a driver stopped sooner would restore to
 # the start and re-run finished trials. One second keeps --resume honest for short runs too.
@@ -254,14 +254,6 @@ def validate_args(args) -> None:
             raise ExperimentError(f"--gpus={args.gpus:g}: a fraction must be <= 1, else a whole number")
     if args.resume and args.storage_path and "://" in args.storage_path and not args.name:
         raise ExperimentError("--resume with a remote --storage-path needs --name")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                              capture_output=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def read_run_record(path: Path) -> dict:

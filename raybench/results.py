@@ -15,20 +15,7 @@ import pandas as pd
 from ray import tune
 
 from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
-
-EPOCH_COLUMNS = ["trial", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s",
-                 "eval_time_s", "images_per_s", "peak_memory_mb", "lr", "status", "device", "threads", "node_id",
-                 "gpu_ids",
-                 "pid", "started_at", "finished_at", "cache_time_s", "compile_time_s", "feature_cache", "compiled"]
-
-
-def versions() -> dict:
-    import ray
-    import torch
-    import transformers
-    return {"torch_version": torch.__version__, "ray_version": ray.__version__,
-            "transformers_version": transformers.__version__}
-
+from raybench.records import EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, UNFINISHED, epoch_summary, versions
 
 def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str = "") -> list[dict]:
     """One row per trial with everything known before training: config, complexity, resources, provenance."""
@@ -52,7 +39,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "epochs": s.recipe.epochs,
             "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
             "device": "", "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
-            "status": "pending", "error": "", "epochs_done": 0, "final_test_acc": math.nan,
+            "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
             "total_time_s": math.nan, **ver, "git_commit": commit})
     return rows
@@ -101,7 +88,6 @@ class ResultsWriter(tune.Callback):
         ep = self._epochs() if epochs is None else epochs
         ep = ep[ep.trial == name].sort_values("epoch")
         if len(ep):
-            from raybench.analysis import epoch_summary
             s = epoch_summary(ep).loc[name]
             fields.update(epochs_done=int(s.epochs_done), final_test_acc=float(s.final_test_acc),
                           best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
@@ -126,9 +112,9 @@ class ResultsWriter(tune.Callback):
                   f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
                   f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
                                             == "synthetic" else ")"), flush=True)
-        status = result.get("status", "running")
+        status = result.get("status", RUNNING)
         self._update_trial(name, ep, status=status, error=result.get("error", ""))
-        if status not in ("ok", "running"):
+        if status not in (OK, RUNNING):
             print(f"[grid] {name}: {status.upper()}: {result.get('error', '')}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -137,7 +123,7 @@ class ResultsWriter(tune.Callback):
         if trial.error_file and Path(trial.error_file).exists():
             lines = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()]
             err = lines[-1] if lines else ""
-        self._update_trial(name, status="error", error=err[:2000])
+        self._update_trial(name, status=ERROR, error=err[:2000])
         print(f"[grid] {name}: ERROR: {err}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -155,7 +141,7 @@ class ResultsWriter(tune.Callback):
 
     def unfinished(self) -> list[str]:
         t = pd.read_parquet(self.trials_path)
-        return t.trial[t.status.isin(["pending", "running"])].tolist()
+        return t.trial[t.status.isin(UNFINISHED)].tolist()
 
     def all_ok(self) -> bool:
-        return bool((pd.read_parquet(self.trials_path).status == "ok").all())
+        return bool((pd.read_parquet(self.trials_path).status == OK).all())

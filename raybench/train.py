@@ -22,7 +22,8 @@ from raybench.configs import (ConfigError, DataSpec, Recipe, SwinConfig, TrialSp
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
-STATUS_RUNNING, STATUS_OK, STATUS_DIVERGED, STATUS_OOM = "running", "ok", "diverged", "oom"
+# statuses are defined once, in raybench.records; these names stay for callers of the trainer
+from raybench.records import DIVERGED as STATUS_DIVERGED, OK as STATUS_OK, OOM as STATUS_OOM, RUNNING as STATUS_RUNNING  # noqa: E501,F401
 EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
 CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
     "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")

@@ -1,0 +1,92 @@
+"""The vocabulary every record shares, defined once: trial statuses, the epoch record's columns, the time
+columns a trial's cost is summed from, per-trial figures from epoch rows, and provenance.
+
+Imports only pandas (and, when provenance is asked for, torch/ray/transformers), so the Tune callback on the
+driver, the trainer, the bench and the analysis can all use it without loading each other.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+# --- statuses: a trial's, after its latest record --------------------------------------------------------
+PENDING = "pending"  # not started yet (trials.parquet only)
+RUNNING = "running"
+OK = "ok"
+DIVERGED = "diverged"
+OOM = "oom"
+ERROR = "error"  # raised in the trial; Tune's error file holds the traceback
+STOPPED_EARLY = "stopped-early"  # a scheduler (ASHA) ended it: kept, but not a finished trial
+UNFINISHED = (PENDING, RUNNING)
+FAILED = (DIVERGED, OOM, ERROR)
+
+# --- the epoch record (one row of epochs.parquet; docs/results.md) ---------------------------------------
+# The seconds a trial spends, by what they buy: the training steps (the per-epoch figure), evaluation, the
+# frozen backbone's one-off feature pass, and the one-off compile warm-up.
+TIME_COLUMNS = ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s")
+EPOCH_COLUMNS = ("trial", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", *TIME_COLUMNS[:2],
+                 "images_per_s", "peak_memory_mb", "lr", "status", "device", "precision", "threads", "node_id",
+                 "gpu_ids", "pid", "started_at", "finished_at", *TIME_COLUMNS[2:], "feature_cache", "compiled")
+
+
+def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per-trial figures from epoch rows, indexed by trial: the one definition behind trials.parquet's summary
+    columns (raybench.results) and the analysis tables."""
+    ep = epochs.sort_values(["trial", "epoch"])
+    # One-off costs (a frozen backbone's feature pass, compile warm-up) are a trial's time too; runs written
+    # before those columns existed (and hand-made epoch tables) lack them.
+    extra = sum(ep[c].fillna(0.0) if c in ep else 0.0 for c in TIME_COLUMNS[1:])
+    ep = ep.assign(_total=ep["train_time_s"] + extra)
+    g = ep.groupby("trial")
+    return pd.DataFrame({
+        "epochs_done": g.size(),
+        "last_epoch": g["epoch"].max(),
+        "final_test_acc": g.tail(1).set_index("trial")["test_acc"],
+        "best_test_acc": g["test_acc"].max(),
+        "test_acc_at_10": ep[ep["epoch"] == 10].set_index("trial")["test_acc"],
+        "mean_epoch_time_s": g["train_time_s"].mean(),
+        "total_time_s": g["_total"].sum(),
+    })
+
+
+# --- provenance --------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict:
+    """The library versions every trial row carries (the driver's: workers are expected to match)."""
+    import ray
+    import torch
+    import transformers
+    return {"torch_version": torch.__version__, "cuda_version": torch.version.cuda or "",
+            "ray_version": ray.__version__, "transformers_version": transformers.__version__}
+
+
+def machine_info() -> dict:
+    """Provenance of a benchmark: CPU model, cores, GPU, versions, commit, and how loaded the machine was."""
+    import torch
+    import torchvision
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"hostname": platform.node(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+            "cuda_version": torch.version.cuda or "", "torch_version": torch.__version__,
+            "torchvision_version": torchvision.__version__, "python_version": platform.python_version(),
+            "platform": platform.platform(), "git_commit": git_commit(),
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
