@@ -4,7 +4,9 @@ Convention: FLOPs = 2 x multiply-accumulates (MACs) of the matrix work: convolut
 attention matmuls (QK^T and AV). Element-wise work (norms, activations, softmax, residual adds, pooling,
 biases) is left out, as in `torch.utils.flop_counter.FlopCounterMode`, which the tests hold the formulas to.
 
-Nothing here loads pretrained weights: Swin figures come from the architecture config alone.
+Nothing here loads pretrained weights: Swin figures come from the architecture config alone. Models from the
+study's dependencies (torchvision:, hf:, py:) have no closed form: their figures are counted on the built model
+(random weights) and marked `flops_source = "counted"`.
 
     python -m raybench.complexity --model vit --patch 8 --dim 256 --depth 4 --heads 2 --mlp-ratio 2 --json
 """
@@ -18,8 +20,10 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from raybench.configs import (SWIN_ARCHS, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
+from raybench.configs import (PREFIXES, SWIN_ARCHS, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
                               add_model_args, model_from_args, parse_model_name, study_models)
+
+CLOSED_FORM, COUNTED = "closed form", "counted"  # Complexity.flops_source
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Complexity:
     flops: int  # forward FLOPs for one image (2 x MACs)
     input_size: int
     flops_by_part: dict = field(default_factory=dict)
+    flops_source: str = CLOSED_FORM  # or COUNTED: FlopCounterMode on the built model
 
     @property
     def gflops(self) -> float:
@@ -146,6 +151,40 @@ def swin_complexity(c: SwinConfig) -> Complexity:
     return Complexity(c.name, params, head if c.finetune else params, sum(flops.values()), S, flops)
 
 
+# --- any other model: counted on the built model ------------------------------------------------------------
+
+def count_flops(model, input_size: int) -> dict:
+    """Forward FLOPs per image by operator, counted with FlopCounterMode as design.md's conventions say: under
+    the math SDPA backend (the fused CPU kernel counts 0) and in train mode (nn.MultiheadAttention's eval fast
+    path is partly missed). Batch 2, halved: BatchNorm in train mode needs more than one value per channel.
+    The model's mode is restored; its BatchNorm statistics move (pass a model built for counting)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.train()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(torch.zeros(2, 3, input_size, input_size))
+    finally:
+        model.train(was_training)
+    by_op = fc.get_flop_counts().get("Global", {})
+    return {getattr(op, "__name__", str(op)): n // 2 for op, n in by_op.items()}  # aten.convolution -> convolution
+
+
+@functools.lru_cache(maxsize=None)
+def counted_complexity(cfg: ModelConfig) -> Complexity:
+    """Parameters (total and trainable) and FLOPs counted on the built model, random weights: no download."""
+    import torch
+    from raybench.models import build_model
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, weights=False)
+    by_op = count_flops(model, model.input_size)
+    return Complexity(cfg.name, sum(p.numel() for p in model.parameters()),
+                      sum(p.numel() for p in model.parameters() if p.requires_grad), sum(by_op.values()),
+                      model.input_size, by_op, COUNTED)
+
+
 def complexity(cfg: ModelConfig) -> Complexity:
     if isinstance(cfg, ViTConfig):
         return vit_complexity(cfg)
@@ -153,7 +192,32 @@ def complexity(cfg: ModelConfig) -> Complexity:
         return resnet18_complexity(cfg)
     if isinstance(cfg, SwinConfig):
         return swin_complexity(cfg)
+    if cfg.family in PREFIXES:
+        return counted_complexity(cfg)
     raise TypeError(f"complexity: unsupported config {cfg!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def feature_dim(cfg: ModelConfig) -> int:
+    """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
+    holds): the class token's width for the ViT, the pooled width for ResNet-18 and Swin, measured on the built
+    model for hf: and py: models."""
+    if isinstance(cfg, ViTConfig):
+        return cfg.dim
+    if isinstance(cfg, ResNetConfig):
+        return 512
+    if isinstance(cfg, SwinConfig):
+        a = swin_arch(cfg)
+        return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)
+    import torch
+    from raybench.models import build_model
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, weights=False).eval()
+    if not callable(getattr(model, "forward_features", None)):
+        raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")
+    with torch.no_grad():
+        f = model.forward_features(torch.zeros(2, 3, model.input_size, model.input_size))
+    return f[0].numel()
 
 
 # --- training memory, for the grid's GPU fractions ------------------------------------------------------------
@@ -269,7 +333,7 @@ def main(argv=None) -> int:
             return 2
         row = {"model": cx.name, "params": cx.params, "trainable_params": cx.trainable_params,
                "flops": cx.flops, "gflops": round(cx.gflops, 4), "input_size": cx.input_size,
-               "flops_by_part": cx.flops_by_part}
+               "flops_by_part": cx.flops_by_part, "flops_source": cx.flops_source}
         if args.measure:
             from raybench.models import build_model
             m = measure(build_model(cfg, weights=False), cx.input_size)
@@ -279,13 +343,15 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print("FLOPs = 2 x multiply-accumulates per image, forward pass; attention QK^T and AV included.")
-    head = f"{'model':<36}{'params':>14}{'trainable':>14}{'GFLOPs':>10}{'input':>7}"
+    print("FLOPs = 2 x multiply-accumulates per image, forward pass; attention QK^T and AV included. "
+          "FLOPs from: closed form (the study's families) or counted (FlopCounterMode on the built model).")
+    head = f"{'model':<36}{'params':>14}{'trainable':>14}{'GFLOPs':>10}{'input':>7}{'FLOPs from':>13}"
     if args.measure:
         head += f"{'counted GFLOPs':>16}{'torchinfo GMACs':>17}"
     print(head)
     for r in rows:
-        line = f"{r['model']:<36}{r['params']:>14,}{r['trainable_params']:>14,}{r['gflops']:>10.3f}{r['input_size']:>7}"
+        line = (f"{r['model']:<36}{r['params']:>14,}{r['trainable_params']:>14,}{r['gflops']:>10.3f}"
+                f"{r['input_size']:>7}{r['flops_source']:>13}")
         if args.measure:
             line += f"{r['measured_flops'] / 1e9:>16.3f}{r['measured_torchinfo_mult_adds'] / 1e9:>17.3f}"
         print(line)

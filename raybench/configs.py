@@ -170,8 +170,176 @@ def _is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
 
 
-ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig]
-FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig}
+# --- models the study's dependencies provide, named by their source: torchvision:, hf:, py: -------------------
+# Their figures are counted on the built model (raybench.complexity), not derived in closed form.
+
+def _slug(text: str) -> str:
+    """Lower-case letters, digits, '_' and '.', runs of anything else as one '-': safe in file names."""
+    return re.sub(r"[^a-z0-9_.]+", "-", str(text).lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class TorchvisionConfig:
+    """Any classification model `torchvision.models.get_model` builds, e.g. convnext_tiny, mobilenet_v3_small."""
+    family: ClassVar[str] = "torchvision"
+    arch: str = "resnet18"  # a name in torchvision.models.list_models(module=torchvision.models)
+    pretrained: bool = False  # torchvision's default weights for the arch, head replaced for num_classes
+    image_size: int | None = None  # None: 224 when pretrained (what the weights saw), else 32 (CIFAR's own)
+    num_classes: int = 100
+
+    def __post_init__(self):
+        _flag(self, "pretrained")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", 224 if self.pretrained else 32)
+        _positive(self, "image_size", "num_classes")
+        _whole(self, "image_size", "num_classes")
+        import difflib
+        import torchvision
+        archs = torchvision.models.list_models(module=torchvision.models)  # classification models only
+        if self.arch not in archs:
+            close = difflib.get_close_matches(str(self.arch), archs, n=5, cutoff=0.5)
+            raise ConfigError(f"TorchvisionConfig.arch={self.arch!r}: not a torchvision classification model; "
+                              + (f"close matches: {', '.join(close)}" if close else
+                                 f"{len(archs)} are, e.g. {', '.join(archs[:6])} (see "
+                                 "torchvision.models.list_models(module=torchvision.models))"))
+
+    @property
+    def name(self) -> str:
+        usual = 224 if self.pretrained else 32
+        return (f"tv-{self.arch}" + ("-pt" if self.pretrained else "")
+                + (f"-{self.image_size}" if self.image_size != usual else ""))
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """Any Hugging Face `AutoModelForImageClassification` checkpoint, with a new head for num_classes.
+
+    Default: the pretrained weights, all of them trained. `finetune`: pretrained, backbone frozen, only the head
+    trains (its features cached, as for Swin). `scratch`: the checkpoint's architecture with random weights."""
+    family: ClassVar[str] = "hf"
+    checkpoint: str = "facebook/deit-tiny-patch16-224"  # hub id or a local folder written by save_pretrained
+    finetune: bool = False
+    scratch: bool = False
+    image_size: int | None = None  # the checkpoint's config.image_size, read at construction when it can be
+    num_classes: int = 100
+
+    def __post_init__(self):
+        _flag(self, "finetune", "scratch")
+        _positive(self, "num_classes")
+        _whole(self, "num_classes")
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ConfigError(f"HFConfig.checkpoint={self.checkpoint!r}: must be a Hugging Face model id "
+                              "(facebook/deit-tiny-patch16-224) or a folder written by save_pretrained")
+        if self.finetune and self.scratch:
+            raise ConfigError("HFConfig: finetune=True and scratch=True: a frozen backbone needs pretrained "
+                              "weights; choose one")
+        if self.image_size is not None:
+            _positive(self, "image_size")
+            _whole(self, "image_size")
+        # The checkpoint decides its input size. An id neither cached nor local leaves it unknown here; the
+        # grid's preflight refuses such a model before Ray starts (raybench.models.check_weights).
+        from raybench.models.hf import checkpoint_image_size
+        size = checkpoint_image_size(self.checkpoint)
+        if size is not None and self.image_size not in (None, size):
+            raise ConfigError(f"HFConfig.image_size={self.image_size}: {self.checkpoint} is trained at {size} "
+                              "px and raybench trains it there; leave image_size out")
+        if size is not None:
+            object.__setattr__(self, "image_size", size)
+
+    @property
+    def short(self) -> str:
+        # facebook/deit-tiny-patch16-224 -> deit-tiny; deit-base-patch16-384 -> deit-base-384
+        s = _slug(self.checkpoint.rstrip("/").split("/")[-1])
+        return re.sub(r"-patch\d+|-window\d+|-224(?=-|$)", "", s) or s
+
+    @property
+    def name(self) -> str:
+        return f"hf-{self.short}-" + ("ft" if self.finetune else "scratch" if self.scratch else "pt")
+
+    @property
+    def pretrained(self) -> bool:
+        return not self.scratch
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.finetune
+
+
+def _freeze_kwargs(where: str, kwargs) -> tuple:
+    """kwargs as sorted (key, value) pairs, lists as tuples: a config must hash (it keys caches)."""
+    items = kwargs.items() if isinstance(kwargs, dict) else kwargs
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={kwargs!r}: must be a mapping of keyword arguments, e.g. {{width: 64}}") from None
+    out = []
+    for k, v in pairs:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ConfigError(f"{where}: key {k!r} is not a Python keyword argument name")
+        if isinstance(v, (list, tuple)):
+            v = tuple(v)
+        scalars = v if isinstance(v, tuple) else (v,)
+        if not all(x is None or isinstance(x, (bool, int, float, str)) for x in scalars):
+            raise ConfigError(f"{where}.{k}={v!r}: values must be numbers, strings, booleans, null or lists of "
+                              "them (the config travels through Ray's param space)")
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class PyConfig:
+    """`function(**kwargs)` from an importable `module`, returning an nn.Module mapping (B, 3, H, W) to logits.
+
+    The function is given `num_classes=` too when its signature takes it. `finetune` freezes everything but what
+    `forward_head` uses; the module must then define `forward_features(x) -> (B, C)` and `forward_head(f)`."""
+    family: ClassVar[str] = "py"
+    module: str = ""
+    function: str = ""
+    kwargs: tuple = ()  # sorted (key, value) pairs; experiment files write a mapping
+    path: str | None = None  # folder put on sys.path before importing (the experiment file's), so workers can
+    image_size: int = 32
+    finetune: bool = False
+    num_classes: int = 100
+
+    def __post_init__(self):
+        for f in ("module", "function"):
+            v = getattr(self, f)
+            if not isinstance(v, str) or not all(p.isidentifier() for p in v.split(".")):
+                raise ConfigError(f"PyConfig.{f}={v!r}: must be a dotted Python name (py:<module>:<function>)")
+        object.__setattr__(self, "kwargs", _freeze_kwargs("PyConfig.kwargs", self.kwargs))
+        if self.path is not None and not isinstance(self.path, str):
+            raise ConfigError(f"PyConfig.path={self.path!r}: must be a folder")
+        _flag(self, "finetune")
+        _positive(self, "image_size", "num_classes")
+        _whole(self, "image_size", "num_classes")
+
+    @property
+    def kwargs_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+
+    @property
+    def name(self) -> str:
+        def value(v):
+            if isinstance(v, tuple):
+                return "x".join(value(x) for x in v)
+            return _fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _slug(v)
+        return (f"py-{self.function}" + "".join(f"-{_slug(k)}{value(v)}" for k, v in self.kwargs)
+                + (f"-{self.image_size}" if self.image_size != 32 else "") + ("-ft" if self.finetune else ""))
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.finetune
+
+
+ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig, TorchvisionConfig, HFConfig, PyConfig]
+FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig, "torchvision": TorchvisionConfig,
+            "hf": HFConfig, "py": PyConfig}
+# how names of the new families begin, in experiment files and on the command line
+PREFIXES = {"torchvision": TorchvisionConfig, "hf": HFConfig, "py": PyConfig}
 
 
 @dataclass(frozen=True)
@@ -289,8 +457,54 @@ def model_from_dict(family: str, fields: dict) -> ModelConfig:
 _VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)(?:-d(\d+(?:p\d+)?))?(?:-(\d+))?$")
 
 
-def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) -> ModelConfig:
-    """`vit-p4-e256-l8-h2-m2`, `resnet18-cifar`, `resnet18-imagenet-pt`, `swin-tiny-ft`, `swin-small-scratch`."""
+def _prefixed(name: str, folder: str | None) -> tuple[type, dict] | None:
+    """`torchvision:<arch>`, `hf:<checkpoint>`, `py:<module>:<function>` -> (config class, its fields), else None.
+
+    `folder` is where relative paths are taken from (the experiment file's folder; default the working one):
+    a `py:` module is imported from it, and an `hf:` folder found there is recorded as an absolute path, since
+    Ray workers run in folders of their own."""
+    import os
+    prefix, sep, rest = name.partition(":")
+    if not sep or prefix not in PREFIXES:
+        return None
+    folder = os.path.abspath(os.path.expanduser(folder or os.getcwd()))
+    if prefix == "torchvision":
+        return TorchvisionConfig, {"arch": rest}
+    if prefix == "hf":
+        local = os.path.join(folder, os.path.expanduser(rest))
+        return HFConfig, {"checkpoint": os.path.abspath(local) if rest and os.path.isdir(local) else rest}
+    module, sep, function = rest.rpartition(":")
+    if not sep or not module or not function:
+        raise ConfigError(f"model name {name!r}: expected py:<module>:<function>, e.g. py:mymodels:small_cnn")
+    return PyConfig, {"module": module, "function": function, "path": folder}
+
+
+def model_from_name(name: str, fields: dict | None = None, num_classes: int = 100,
+                    folder: str | None = None) -> ModelConfig:
+    """A model name with fields that refine it (`{pretrained: true}` beside `torchvision:convnext_tiny`)."""
+    fields = dict(fields or {})
+    prefixed = _prefixed(name, folder) if isinstance(name, str) else None
+    if prefixed:
+        cls, base = prefixed
+        if cls is PyConfig and fields.get("path"):  # a path written in the file is taken from its folder
+            import os
+            fields["path"] = os.path.join(base["path"], os.path.expanduser(fields["path"]))
+        return model_from_dict(cls.family, {"num_classes": num_classes, **base, **fields})
+    base = parse_model_name(name, num_classes=num_classes)
+    return model_from_dict(base.family, {**dataclasses.asdict(base), **fields})
+
+
+def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32,
+                     folder: str | None = None) -> ModelConfig:
+    """`vit-p4-e256-l8-h2-m2`, `resnet18-cifar`, `resnet18-imagenet-pt`, `swin-tiny-ft`, `swin-small-scratch`;
+    and models from the study's dependencies: `torchvision:<arch>`, `hf:<checkpoint or folder>`,
+    `py:<module>:<function>` (their other fields at their defaults)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"model name {name!r}: must be a string")
+    prefixed = _prefixed(name, folder)
+    if prefixed:
+        cls, base = prefixed
+        return cls(**base, num_classes=num_classes)
     m = _VIT_NAME.match(name)
     if m:
         p, e, l, h, r, d, size = m.groups()
@@ -305,7 +519,8 @@ def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) ->
     if m:
         return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
     raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>[-d<dropout>][-<size>], "
-                      "resnet18-{cifar,imagenet}[-pt][-<size>] or swin-{tiny,small,micro}-{ft,scratch}")
+                      "resnet18-{cifar,imagenet}[-pt][-<size>], swin-{tiny,small,micro}-{ft,scratch}, "
+                      "torchvision:<arch>, hf:<checkpoint or folder> or py:<module>:<function>")
 
 
 def vit_grid(image_size: int = 32, num_classes: int = 100) -> list[ViTConfig]:
@@ -326,7 +541,8 @@ def study_models(num_classes: int = 100) -> list[ModelConfig]:
 def add_model_args(p) -> None:
     p.add_argument("--model", choices=["vit", "resnet", "swin"],
                    help="family, configured by the flags below (or give --name)")
-    p.add_argument("--name", help="a model name instead: vit-p4-e256-l8-h2-m2, resnet18-cifar, swin-tiny-ft, ...")
+    p.add_argument("--name", help="a model name instead: vit-p4-e256-l8-h2-m2, resnet18-cifar, swin-tiny-ft, ..., "
+                   "or torchvision:<arch>, hf:<checkpoint or folder>, py:<module>:<function>")
     p.add_argument("--patch", type=int, default=8, help="ViT patch size (default: 8)")
     p.add_argument("--dim", type=int, default=256, help="ViT embedding dim (default: 256)")
     p.add_argument("--depth", type=int, default=4, help="ViT encoder blocks (default: 4)")
@@ -335,15 +551,43 @@ def add_model_args(p) -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="ViT dropout (default: 0)")
     p.add_argument("--image-size", type=int, default=32, help="ViT/ResNet input side (default: 32)")
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar", help="ResNet stem (default: cifar)")
-    p.add_argument("--pretrained", action="store_true", help="ResNet: torchvision ImageNet weights (imagenet stem, 224 px)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="ResNet, torchvision:<arch>: torchvision's ImageNet weights (224 px unless --image-size)")
     p.add_argument("--checkpoint", default=SWIN_SHORT["tiny"],
                    help=f"Swin hub name or local save_pretrained folder (default: {SWIN_SHORT['tiny']})")
-    p.add_argument("--scratch", action="store_true", help="Swin: train from scratch, everything trainable")
+    p.add_argument("--scratch", action="store_true",
+                   help="Swin, hf:<checkpoint>: train from scratch, everything trainable")
+    p.add_argument("--finetune", action="store_true",
+                   help="hf:<checkpoint>, py:<module>:<function>: freeze the backbone, train only the head")
+    p.add_argument("--kwargs", default="{}",
+                   help='py:<module>:<function>: keyword arguments as JSON, e.g. \'{"width": 64}\' (default: {})')
     p.add_argument("--num-classes", type=int, default=100, help="classes (default: 100)")
+
+
+def _prefixed_from_args(args) -> ModelConfig:
+    import json
+    family = args.name.partition(":")[0]
+    if family == "torchvision":
+        fields = {"pretrained": args.pretrained,
+                  "image_size": None if args.pretrained and args.image_size == 32 else args.image_size}
+    elif family == "hf":  # an hf model trains at its checkpoint's size: --image-size does not apply
+        fields = {"finetune": args.finetune, "scratch": args.scratch}
+    else:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--kwargs={args.kwargs!r}: not JSON ({e}); e.g. '{{\"width\": 64}}'") from None
+        fields = {"kwargs": kwargs, "image_size": args.image_size, "finetune": args.finetune}
+    cfg = model_from_name(args.name, fields, args.num_classes)
+    from raybench.models import check_model  # builds it once: bad input fails here, not mid-trial
+    check_model(cfg)
+    return cfg
 
 
 def model_from_args(args) -> ModelConfig:
     if args.name:
+        if args.name.partition(":")[0] in PREFIXES:
+            return _prefixed_from_args(args)
         return parse_model_name(args.name, num_classes=args.num_classes, image_size=args.image_size)
     if args.model == "vit":
         return ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio, args.dropout,

@@ -16,6 +16,9 @@ An experiment file is plain YAML:
       - {family: vit, patch: 4, dim: 64, depth: 2, heads: 2, mlp_ratio: 2}
       - {grid: {family: vit, patch: [4, 8], dim: [256, 512]}} # every combination
       - {name: swin-tiny-ft, recipe: {epochs: 3}}
+      - {name: "torchvision:convnext_tiny", pretrained: true}   # any torchvision classifier (image_size: ...)
+      - {name: "hf:facebook/deit-tiny-patch16-224", finetune: true}  # any HF image classifier (or scratch: true)
+      - {name: "py:mymodels:small_cnn", kwargs: {width: 64}}    # your own: mymodels.py beside this file
 
 Errors name the file, the entry and the field.
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from raybench.configs import (FAMILIES, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig, TrialSpec,
-                              default_recipe, model_from_dict, parse_model_name)
+                              default_recipe, model_from_dict, model_from_name, parse_model_name)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds", "epochs", "recipe", "resources",
@@ -89,9 +92,21 @@ def _resources(where: str, r) -> dict:
     return dict(r)
 
 
-def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
+def _located(family: str, fields: dict, folder: str) -> dict:
+    """Paths in a file are taken from its folder: a py: model's module folder (default: the folder itself),
+    an hf: checkpoint folder found there. Recorded absolute, since Ray workers run in folders of their own."""
+    fields = dict(fields)
+    if family == "py":
+        fields["path"] = str(Path(folder, fields["path"]).expanduser()) if fields.get("path") else folder
+    ckpt = fields.get("checkpoint")
+    if family == "hf" and isinstance(ckpt, str) and ckpt and Path(folder, ckpt).expanduser().is_dir():
+        fields["checkpoint"] = str(Path(folder, ckpt).expanduser().resolve())
+    return fields
+
+
+def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[ModelConfig]:
     if isinstance(entry, str):
-        return [parse_model_name(entry, num_classes=num_classes)]
+        return [parse_model_name(entry, num_classes=num_classes, folder=folder)]
     if not isinstance(entry, dict):
         raise ExperimentError(f"{where}: expected a model name or a mapping, got {entry!r}")
     if "grid" in entry:
@@ -110,21 +125,21 @@ def _entry_models(where: str, entry, num_classes: int) -> list[ModelConfig]:
         empty = [k for k, v in zip(keys, values) if not v]
         if empty:
             raise ExperimentError(f"{where}: grid.{empty[0]}=[]: give at least one value")
-        return [model_from_dict(family, {"num_classes": num_classes, **dict(zip(keys, combo))})
+        return [model_from_dict(family, _located(family, {"num_classes": num_classes, **dict(zip(keys, combo))},
+                                                 folder))
                 for combo in itertools.product(*values)]
     fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     if "name" in entry and "family" in entry:
         raise ExperimentError(f"{where}: name={entry['name']!r} and family={entry['family']!r}: give a name (with "
                               "fields that refine it) or a family with its fields, not both")
     if "name" in entry:
-        base = parse_model_name(entry["name"], num_classes=num_classes)
-        # fields beside a name refine it (`{name: swin-tiny-ft, checkpoint: /path}`); the trial is named
-        # after the resulting config
-        return [model_from_dict(base.family, {**dataclasses.asdict(base), **fields})]
+        # fields beside a name refine it (`{name: swin-tiny-ft, checkpoint: /path}`, `{name: hf:<id>, finetune:
+        # true}`); the trial is named after the resulting config
+        return [model_from_name(entry["name"], fields, num_classes, folder)]
     family = entry.get("family")
     if family not in FAMILIES:
         raise ExperimentError(f"{where}: family={family!r} must be one of {sorted(FAMILIES)} (or give a name)")
-    return [model_from_dict(family, {"num_classes": num_classes, **fields})]
+    return [model_from_dict(family, _located(family, {"num_classes": num_classes, **fields}, folder))]
 
 
 def _recipe(where: str, name: str, model: ModelConfig, overrides: dict, epochs: int | None) -> Recipe:
@@ -159,6 +174,7 @@ def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: st
 
 
 def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -> Experiment:
+    from raybench.models import check_model  # torch: only once a file is read
     _check_keys(str(path), doc, TOP_KEYS)
     if not doc.get("models"):
         raise ExperimentError(f"{path}: 'models' must be a non-empty list")
@@ -199,7 +215,9 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
         if isinstance(entry, dict):
             _check_keys(where, entry, ENTRY_KEYS | MODEL_FIELDS)
         try:
-            models = _entry_models(where, entry, num_classes)
+            models = _entry_models(where, entry, num_classes, str(path.parent.resolve()))
+            for model in models:  # torchvision:, hf:, py: models run a test batch now, not in a trial
+                check_model(model)
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
         entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}

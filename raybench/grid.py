@@ -49,15 +49,14 @@ MIN_FRACTION = 1 / 8
 def trial_memory_bytes(spec: TrialSpec) -> int:
     """GPU memory one trial is estimated to use, the CUDA context aside. Not counted: the transient
     activations of no-grad passes (evaluation and the feature pass run at batch 256), and image folders."""
-    from raybench.complexity import swin_arch, training_memory_bytes
+    from raybench.complexity import feature_dim, training_memory_bytes
     from raybench.data import CIFAR_TEST, CIFAR_TRAIN
     from raybench.train import CACHE_ON, feature_cache_mode
     images = {"synthetic": spec.data.train_size + spec.data.test_size,
               "cifar100": CIFAR_TRAIN + CIFAR_TEST}.get(spec.data.name, 0)
     total = training_memory_bytes(spec.model, spec.recipe.batch_size) + images * 3 * 32 * 32  # uint8, 32 px
     if feature_cache_mode(spec) == CACHE_ON:
-        a = swin_arch(spec.model)
-        total += images * 4 * a["embed_dim"] * 2 ** (len(a["depths"]) - 1)  # fp32 pooled features
+        total += images * 4 * feature_dim(spec.model)  # fp32 features
     return total
 
 

@@ -1,13 +1,16 @@
 """One entry point for every family: `build_model(config)` returns a module mapping images to logits.
 
 Each model carries `input_size` (the side it expects; the trainer resizes to it) and `mean`/`std`
-(None: normalise with the dataset's own statistics; else the pretrained weights' statistics).
+(None: normalise with the dataset's own statistics; else the pretrained weights' statistics). Models with a
+backbone/head split (Swin, hf:, py: models that define one) also carry `forward_features(x)` and
+`forward_head(features)`, which the trainer uses to cache a frozen backbone's features.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from raybench.configs import ModelConfig, ResNetConfig, SwinConfig, ViTConfig
+from raybench.configs import (ConfigError, HFConfig, ModelConfig, PyConfig, ResNetConfig, SwinConfig,
+                              TorchvisionConfig, ViTConfig)
 from raybench.models.hub import WeightsUnavailable  # noqa: F401  (re-exported for callers)
 
 
@@ -27,6 +30,15 @@ def build_model(cfg: ModelConfig, weights: bool = True) -> nn.Module:
     elif isinstance(cfg, SwinConfig):
         from raybench.models.swin import build_swin
         model = build_swin(cfg, weights)
+    elif isinstance(cfg, TorchvisionConfig):
+        from raybench.models.tv import build_torchvision
+        model = build_torchvision(cfg, weights)
+    elif isinstance(cfg, HFConfig):
+        from raybench.models.hf import build_hf
+        model = build_hf(cfg, weights)
+    elif isinstance(cfg, PyConfig):
+        from raybench.models.py import build_py
+        model = build_py(cfg, weights)
     else:
         raise TypeError(f"build_model: unsupported config {cfg!r}")
     return model
@@ -41,5 +53,54 @@ def check_weights(cfg: ModelConfig) -> None:
     elif isinstance(cfg, SwinConfig) and cfg.finetune:
         from raybench.models.swin import hub_unavailable
         err = hub_unavailable(cfg.checkpoint)
+    elif isinstance(cfg, TorchvisionConfig) and cfg.pretrained:
+        from raybench.models.tv import weights_problem
+        err = weights_problem(cfg)
+    elif isinstance(cfg, HFConfig):  # scratch too: its architecture is read from the checkpoint's config
+        from raybench.models.hf import hub_unavailable as hf_hub_unavailable
+        err = hf_hub_unavailable(cfg.checkpoint)
     if err:
         raise err
+
+
+def _describe(out) -> str:
+    if hasattr(out, "shape"):
+        return f"a {type(out).__name__} of shape {tuple(out.shape)}"
+    return f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Build a torchvision:, hf: or py: model once (random weights) and run a test batch in train and eval mode:
+    a model that does not build, or does not map (2, 3, S, S) to (2, classes) logits, is refused when the
+    experiment loads, not in a trial. A frozen backbone must also give forward_head(forward_features(x)) ==
+    forward(x). An hf: checkpoint whose config cannot be read here is left to check_weights."""
+    if not isinstance(cfg, (TorchvisionConfig, HFConfig, PyConfig)) or cfg.image_size is None:
+        return
+    import torch
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded stream stays as it was
+            model = build_model(cfg, weights=False)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{cfg.name}: building it fails: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    S, N = model.input_size, cfg.num_classes
+    x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:
+            raise ConfigError(f"{cfg.name}: a test batch of shape {tuple(x.shape)} fails in {mode} mode: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, N):
+            raise ConfigError(f"{cfg.name}: a test batch of shape {tuple(x.shape)} gives {_describe(out)} in "
+                              f"{mode} mode; expected logits of shape (2, {N}): (batch, classes)")
+    if cfg.frozen_backbone:
+        with torch.no_grad():
+            split = model.forward_head(model.forward_features(x))
+        if not torch.allclose(split, out, rtol=1e-4, atol=1e-5):
+            raise ConfigError(f"{cfg.name}: forward_head(forward_features(x)) differs from forward(x) (by up to "
+                              f"{(split - out).abs().max().item():.3g}): the frozen backbone's cached features "
+                              "would train a different model")

@@ -16,15 +16,17 @@ def torchvision_weights_path(weights=ResNet18_Weights.IMAGENET1K_V1) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1) -> WeightsUnavailable | None:
-    """Why the ImageNet weights can be neither read from torchvision's cache nor downloaded, else None."""
+def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1, what: str = "ResNet-18 ImageNet",
+                        instead: str = "resnet18-cifar / resnet18-imagenet") -> WeightsUnavailable | None:
+    """Why torchvision's `weights` can be neither read from its cache nor downloaded, else None. The message
+    names the model (`what`) and what trains without them (`instead`)."""
     path = torchvision_weights_path(weights)
     if not path.exists() and not reachable(weights.url):
         # torchvision would otherwise fail deep inside urllib; say what to do instead.
         return WeightsUnavailable(
-            f"ResNet-18 ImageNet weights are not cached at {path} and {weights.url} cannot be reached. "
+            f"{what} weights are not cached at {path} and {weights.url} cannot be reached. "
             f"Copy the file there (or set TORCH_HOME to a folder whose hub/checkpoints/ holds it), "
-            f"or train from scratch with resnet18-cifar / resnet18-imagenet.")
+            f"or train from scratch with {instead}.")
     return None
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from raybench.configs import SWIN_ARCHS, SWIN_MICRO, SwinConfig
-from raybench.models.hub import WeightsUnavailable, hf_offline, reachable
+from raybench.models.hub import WeightsUnavailable, hf_unavailable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -80,29 +80,9 @@ def load_pretrained(checkpoint: str, num_classes: int):
 
 def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
     """Why `checkpoint` can be neither read from the cache nor downloaded, or None when it can be loaded."""
-    if checkpoint == SWIN_MICRO or _is_local(os.path.expanduser(checkpoint)):
+    if checkpoint == SWIN_MICRO:
         return None
-    if checkpoint.startswith(("/", "./", "../", "~")):
-        return WeightsUnavailable(f"Swin checkpoint {checkpoint!r} looks like a folder, but there is no folder "
-                                  "there; pass a folder written by save_pretrained, or a Hugging Face model id "
-                                  "such as 'microsoft/swin-tiny-patch4-window7-224'")
-    try:
-        from transformers import SwinConfig as HFSwinConfig
-        HFSwinConfig.from_pretrained(checkpoint, local_files_only=True)
-        return None  # cached (a partial cache still fails later, in from_pretrained, with HF's message)
-    except OSError:
-        pass
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if hf_offline() or not reachable(endpoint):
-        why = "HF_HUB_OFFLINE is set" if hf_offline() else f"{endpoint} cannot be reached"
-        return WeightsUnavailable(
-            f"Swin weights {checkpoint!r} are not in the Hugging Face cache "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {why}. Provide them by: "
-            f"(1) downloading once where the network works (`python -c \"from transformers import "
-            f"SwinForImageClassification as S; S.from_pretrained('{checkpoint}')\"`) and pointing HF_HOME at "
-            f"that cache, or (2) passing a local folder written by save_pretrained as the checkpoint "
-            f"(`checkpoint: /path/to/swin` in the experiment file); HF_HUB_OFFLINE=1 skips the network.")
-    return None
+    return hf_unavailable(checkpoint, "Swin", "SwinForImageClassification")
 
 
 def random_checkpoint(checkpoint: str) -> str:
