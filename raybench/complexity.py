@@ -301,7 +301,7 @@ def _configs_from_args(args) -> list[ModelConfig]:
     out: list[ModelConfig] = []
     for n in args.names:
         try:
-            out.append(parse_model_name(n, num_classes=args.num_classes, image_size=args.image_size))
+            cfg = parse_model_name(n, num_classes=args.num_classes, image_size=args.image_size)
         except ConfigError as bad_name:
             from raybench.experiments import load_experiment, resolve_path  # an experiment name or file
             try:
@@ -313,6 +313,10 @@ def _configs_from_args(args) -> list[ModelConfig]:
                 if spec.model.name not in seen:
                     seen.add(spec.model.name)
                     out.append(spec.model)
+            continue
+        from raybench.models import check_model  # torchvision:, hf:, py: names: a test batch first
+        check_model(cfg)
+        out.append(cfg)
     return out
 
 
