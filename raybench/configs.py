@@ -287,7 +287,7 @@ def _freeze_kwargs(where: str, kwargs) -> tuple:
             raise ConfigError(f"{where}.{k}={v!r}: values must be numbers, strings, booleans, null or lists of "
                               "them (the config travels through Ray's param space)")
         out.append((k, v))
-    return tuple(sorted(out))
+    return tuple(sorted(out, key=lambda kv: kv[0]))
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ class PyConfig:
     module: str = ""
     function: str = ""
     kwargs: tuple = ()  # sorted (key, value) pairs; experiment files write a mapping
-    path: str | None = None  # folder put on sys.path before importing (the experiment file's), so workers can
+    path: str | None = None  # folder put on sys.path before importing (the experiment file's): Ray workers need it
     image_size: int = 32
     finetune: bool = False
     num_classes: int = 100

@@ -332,3 +332,11 @@ def test_the_example_adds_two_models_to_the_seed_study_and_offline_is_refused_be
     assert (deit.recipe.batch_size, deit.recipe.lr, deit.recipe.epochs) == (32, 2e-5, 3)  # as the Swins
     problems = [p for p in preflight(custom) if p.startswith(("tv-", "hf-"))]
     assert [p.split(":")[0] for p in problems] == ["tv-convnext_tiny-pt", "hf-deit-tiny-ft"], problems
+
+
+@pytest.mark.parametrize("gpus", [0, 1])  # 1: the GPU-share rule needs the model's size first
+def test_the_grid_refuses_an_hf_checkpoint_it_cannot_get_before_ray_starts(tmp_path, gpus):
+    exp = experiment(tmp_path, [{"name": "hf:facebook/deit-tiny-patch16-224", "finetune": True}], name="offline")
+    r = run_grid("--experiment", exp, "--gpus", gpus, "--results-dir", tmp_path / "res", timeout=120)
+    assert r.returncode == 2 and "'facebook/deit-tiny-patch16-224' are not in the Hugging Face cache" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
