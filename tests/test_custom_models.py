@@ -156,16 +156,18 @@ def test_py_model_flops_are_counted_exactly(user_folder):
     assert ft.params == cx.params and ft.trainable_params == 8 * 10 + 10  # only what forward_head uses
 
 
-def test_torchvision_at_32px_builds_trains_a_step_and_counts_like_torchinfo_sees():
+def test_torchvision_at_32px_is_counted_in_train_mode_as_in_eval_mode():
     cfg = TorchvisionConfig("mobilenet_v3_small", num_classes=10)
     check_model(cfg)
     model = build_model(cfg)
     assert (model.input_size, model.mean) == (32, None)  # from scratch: the dataset's own statistics
+    assert model.classifier[-1].out_features == 10
     cx = complexity(cfg)
-    counted = measure(model, 32)
+    counted = measure(model, 32)  # the cross-check's count: eval mode, batch 1
     assert cx.params == counted["params"] == sum(p.numel() for p in model.parameters())
-    assert abs(cx.flops - counted["flops"]) <= 0.01 * counted["flops"]
-    assert cx.flops == sum(count_flops(build_model(cfg), 32).values())
+    assert cx.flops == counted["flops"] and cx.flops_by_part.keys() == {"convolution", "addmm"}
+    model.eval()
+    assert count_flops(model, 32) == cx.flops_by_part and not model.training  # counted in train mode, given back
 
 
 # --- the three kinds trained, checkpointed and resumed ------------------------------------------------------
