@@ -585,8 +585,14 @@ def _prefixed_from_args(args) -> ModelConfig:
 
 
 def model_from_args(args) -> ModelConfig:
+    source = (args.name or "").partition(":")[0]
+    if args.finetune and source not in ("hf", "py"):
+        raise ConfigError("--finetune applies to hf:<checkpoint> and py:<module>:<function> names (Swin: "
+                          "swin-<size>-ft is fine-tuned, --scratch trains it from scratch)")
+    if args.kwargs != "{}" and source != "py":
+        raise ConfigError(f"--kwargs={args.kwargs!r} applies to py:<module>:<function> names only")
     if args.name:
-        if args.name.partition(":")[0] in PREFIXES:
+        if source in PREFIXES:
             return _prefixed_from_args(args)
         return parse_model_name(args.name, num_classes=args.num_classes, image_size=args.image_size)
     if args.model == "vit":

@@ -342,3 +342,15 @@ def test_the_grid_refuses_an_hf_checkpoint_it_cannot_get_before_ray_starts(tmp_p
     r = run_grid("--experiment", exp, "--gpus", gpus, "--results-dir", tmp_path / "res", timeout=120)
     assert r.returncode == 2 and "'facebook/deit-tiny-patch16-224' are not in the Hugging Face cache" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vit", "--finetune"], "--finetune applies to hf:<checkpoint> and py:<module>:<function> names"),
+    (["--name", "resnet18-cifar", "--kwargs", '{"width": 8}'], "applies to py:<module>:<function> names only"),
+    (["--name", f"py:{MODULE}:small_cnn", "--kwargs", "{width: 8}"], "--kwargs='{width: 8}': not JSON"),
+    (["--name", "torchvision:resnet19"], "close matches: resnet18"),
+])
+def test_cli_flags_for_the_new_names_are_checked(user_folder, monkeypatch, capsys, args, message):
+    from raybench.complexity import main
+    monkeypatch.chdir(user_folder)
+    assert main(args) == 2 and message in capsys.readouterr().err
