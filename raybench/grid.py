@@ -201,8 +201,7 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
 
 
 def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> int:
-    import ray
-    from raybench.session import ClusterUnavailable, check_placement, connect
+    from raybench.session import ClusterUnavailable, check_placement, connect  # imports Ray when it starts it
     try:
         ctx = connect(plan)
         autoscaling = False
@@ -211,6 +210,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
             if note:
                 print(f"[grid] note: {note}", flush=True)
     except (ClusterUnavailable, ExperimentError) as e:
+        import ray
         ray.shutdown()
         if fresh:
             shutil.rmtree(plan.run_dir, ignore_errors=True)
@@ -226,6 +226,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
               file=sys.stderr)
         return 130
     finally:
+        import ray
         ray.shutdown()
     return _report(plan, writer, analysis, t_start)
 

@@ -91,12 +91,15 @@ def join(address: str):
         raise ClusterUnavailable(f"--address {address}: no Ray cluster answers at {target} ({e}); check that its "
                                  "head is up (`ray status` on the head) and that this machine can reach the port"
                                  ) from None
-    if os.environ.get("RAY_AUTH_MODE") is None:
-        # Ray sends the token only for "auto"; an explicit HOST:PORT deserves the same (Ray's own helper).
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    with tempfile.TemporaryFile() as log, _stderr_to(log):
+    # The port answers, so a failing connect is the cluster refusing us: a few tries are enough (Ray's
+    # default is 20, one a second, each printing a line).
+    retries = {"RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s", "6")}
+    with tempfile.TemporaryFile() as log, _stderr_to(log), _environ(retries):
+        if os.environ.get("RAY_AUTH_MODE") is None:
+            # Ray sends the token only for "auto"; an explicit HOST:PORT deserves the same (Ray's own helper).
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
             return ray.init(address=target, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
@@ -107,6 +110,20 @@ def join(address: str):
                 f"--address {address}: cannot join the Ray cluster at {target}: {why}; check {token_hint()} "
                 "(it must be the head's: `ray get-auth-token` on the head prints it; set RAY_AUTH_TOKEN or "
                 "RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE") from None
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -135,18 +152,28 @@ def autoscaler_status() -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def node_types(status: dict) -> list[dict] | None:
-    """Resources of each node type the autoscaler may start, read from its config file when this driver runs
-    where the autoscaler does (on the head: `ray job submit`, the local fake cluster); None when unknown."""
+def node_types(status: dict) -> tuple[bool, list[dict] | None]:
+    """(autoscaling, node types): whether the cluster can add nodes, and the resources of each node type it may
+    add when known. `ray start --head` always runs Ray's monitor; it autoscales only with an
+    --autoscaling-config (read here when this driver runs where the monitor does: on the head, as `ray job
+    submit` runs it, or the local fake cluster). Seen from elsewhere, a monitor without one reports every node
+    as its own "node_<id>" type (Ray's read-only provider), which adds nothing."""
     import psutil
     import yaml
     try:
         cmd = psutil.Process(int(status["monitor_pid"])).cmdline()
-        path = next(a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config="))
+    except (KeyError, ValueError, TypeError, psutil.Error):
+        mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        readonly = all(str(t) == f"node_{n}" for n, t in mapping.items())
+        return not readonly, None
+    path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
+    if path is None:
+        return False, None
+    try:
         config = yaml.safe_load(Path(path).read_text())
-        return [dict(t.get("resources", {})) for t in config["available_node_types"].values()]
-    except (KeyError, ValueError, StopIteration, OSError, TypeError, psutil.Error, yaml.YAMLError):
-        return None
+        return True, [dict(t.get("resources", {})) for t in config["available_node_types"].values()]
+    except (KeyError, OSError, TypeError, AttributeError, yaml.YAMLError):
+        return True, None
 
 
 def check_placement(resources: dict) -> tuple[bool, str | None]:
@@ -155,16 +182,21 @@ def check_placement(resources: dict) -> tuple[bool, str | None]:
     import ray
     from raybench.experiments import ExperimentError
     from raybench.resources import unfit
+    import time
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     status = autoscaler_status()
-    if status is None:
+    deadline = time.monotonic() + 6  # a head's monitor writes its first report a few seconds after start
+    while status is None and unfit(resources, nodes) and time.monotonic() < deadline:
+        time.sleep(1)
+        status = autoscaler_status()
+    autoscaling, types = node_types(status) if status else (False, None)
+    if not autoscaling:
         msg = unfit(resources, nodes)
         if msg:
             raise ExperimentError(f"{msg}, and the cluster has no autoscaler to add one; lower the trial's "
                                   "resources (--gpus 0, --cpus-per-trial, the experiment's resources), or add a "
                                   "node that can hold it")
         return False, None
-    types = node_types(status)
     if types is not None:
         msg = unfit(resources, nodes + types)
         if msg:
