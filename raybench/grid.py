@@ -260,7 +260,8 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
             tune_config=tune.TuneConfig(
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],
-                max_concurrent_trials=max_concurrent(plan.resources, plan.gpu_cap)),
+                max_concurrent_trials=max_concurrent(plan.resources, plan.gpu_cap),
+                scheduler=make_scheduler(plan)),
             run_config=tune.RunConfig(
                 name=plan.tune_name, storage_path=plan.storage, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
@@ -268,6 +269,13 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
                                                         checkpoint_at_end=True)))
     tuner.fit()
     return writer
+
+
+def make_scheduler(plan: RunPlan):
+    """FIFO, wrapped so that a trial out of GPU memory is re-queued with a larger share."""
+    from ray.tune.schedulers import FIFOScheduler
+    from raybench.trainable import OomRequeue
+    return OomRequeue(FIFOScheduler())
 
 
 def _report(plan: RunPlan, writer, analysis: bool, t_start: float) -> int:

@@ -144,6 +144,11 @@ def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
     return max(MIN_FRACTION, 2.0 ** math.ceil(math.log2(share)))
 
 
+def next_share(share: float) -> float:
+    """The share a trial that ran out of GPU memory is re-queued with: twice its own, up to a whole GPU."""
+    return min(1.0, 2 * share)
+
+
 def allocator_fraction(name: str, need: int, share: float, gpu_bytes: int) -> float:
     """The cap for a trial's CUDA caching allocator: its share of this GPU less the CUDA context's room.
     Raises when that is below the trial's estimate `need` (trial_memory_bytes, computed by the driver): the

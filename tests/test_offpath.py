@@ -208,3 +208,22 @@ def test_an_image_folder_loads_at_the_model_input_side_and_counts_in_the_memory_
     bigger = dataclasses.replace(spec, data=DataSpec("imagefolder", str(large)))
     # 4 classes-and-splits x 5 more images, each 3 x 64 x 64 uint8 on the device
     assert trial_memory_bytes(bigger) - trial_memory_bytes(spec) == 4 * 5 * 3 * 64 * 64
+
+
+def test_an_out_of_memory_trial_is_requeued_with_twice_its_share_until_a_whole_gpu(tmp_path):
+    """RAYBENCH_FAULT_OOM makes one trial run out of GPU memory in epoch 2 until its share reaches 0.5, and
+    another in epoch 1 at any share: the first resumes from its epoch-1 checkpoint at 0.25, then 0.5, and
+    finishes; the second climbs to a whole GPU, where an OOM is final. Every epoch row exactly once."""
+    a, b = "vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"
+    env = {**os.environ, "RAYBENCH_FAULT_OOM": f"{a}:2:0.5;{b}:1:2"}
+    r = run_grid("--gpus", "2", "--only", "vit-p8", "--epochs", "3", "--train-size", "200", "--test-size", "100",
+                 "--no-analysis", "--no-dashboard", "--results-dir", tmp_path, "--name", "oom", env=env)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # b ended out of memory
+    trials = pd.read_parquet(tmp_path / "oom" / "trials.parquet").set_index("trial")
+    assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25,0.5"
+    assert trials.loc[a, "gpu_fraction"] == 0.5
+    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.125,0.25,0.5,1"
+    ep = pd.read_parquet(tmp_path / "oom" / "epochs.parquet")
+    assert ep[ep.trial == a].epoch.tolist() == [1, 2, 3] and ep[ep.trial == b].empty
+    assert ep[ep.trial == a].gpu_share.tolist() == [0.125, 0.5, 0.5]  # epoch 1 before the OOM, 2-3 after
+    assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
