@@ -92,24 +92,37 @@ def join(address: str):
                                  "head is up (`ray status` on the head) and that this machine can reach the port"
                                  ) from None
     # The port answers, so a failing connect is the cluster refusing us: a few tries are enough (Ray's
-    # default is 20, one a second, each printing a line).
-    retries = {"RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s", "6")}
-    with tempfile.TemporaryFile() as log, _stderr_to(log), _environ(retries):
-        if os.environ.get("RAY_AUTH_MODE") is None:
-            # Ray sends the token only for "auto"; an explicit HOST:PORT deserves the same (Ray's own helper).
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available)
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    # default is 20, one a second, each printing a line). Ray sends the token only for "auto"; for HOST:PORT
+    # it is sent once the cluster asks for it (sending one to a cluster without token auth breaks its actors).
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    with tempfile.TemporaryFile() as log, _stderr_to(log):
+        may_retry = os.environ.get("RAY_AUTH_MODE") is None
         try:
-            return ray.init(address=target, log_to_driver=False)
+            return _init(ray, target, tries=2 if may_retry else 6)
         except (ConnectionError, RuntimeError) as e:
-            log.seek(0)
-            said = [l for l in log.read().decode(errors="replace").splitlines() if "InvalidAuthToken" in l]
-            why = ("it rejected our authentication token" if said else str(e).splitlines()[0])
-            raise ClusterUnavailable(
-                f"--address {address}: cannot join the Ray cluster at {target}: {why}; check {token_hint()} "
-                "(it must be the head's: `ray get-auth-token` on the head prints it; set RAY_AUTH_TOKEN or "
-                "RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE") from None
+            error = e
+        if may_retry and _rejected(log) and maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+            ray.shutdown()
+            try:
+                return _init(ray, target, tries=6)
+            except (ConnectionError, RuntimeError) as e:
+                error = e
+        why = "it rejected our authentication token" if _rejected(log) else str(error).splitlines()[0]
+        raise ClusterUnavailable(
+            f"--address {address}: cannot join the Ray cluster at {target}: {why}; check {token_hint()} (it "
+            "must be the head's: `ray get-auth-token` on the head prints it; set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE") from None
+
+
+def _init(ray, target: str, tries: int):
+    with _environ({"RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s",
+                                                                      str(tries))}):
+        return ray.init(address=target, log_to_driver=False)
+
+
+def _rejected(log) -> bool:
+    log.seek(0)
+    return b"InvalidAuthToken" in log.read()
 
 
 @contextlib.contextmanager

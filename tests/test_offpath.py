@@ -227,3 +227,39 @@ def test_an_out_of_memory_trial_is_requeued_with_twice_its_share_until_a_whole_g
     assert ep[ep.trial == a].epoch.tolist() == [1, 2, 3] and ep[ep.trial == b].empty
     assert ep[ep.trial == a].gpu_share.tolist() == [0.125, 0.5, 0.5]  # epoch 1 before the OOM, 2-3 after
     assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
+
+
+def test_a_worker_node_that_dies_mid_trial_costs_at_most_the_epoch_in_flight(tmp_path):
+    """Head and worker, one CPU each, two trials: once a trial has finished an epoch on the worker, the worker
+    is removed without warning. Its trial continues from its checkpoint on the surviving head, every epoch
+    once. (In-process, as the two-node test in test_grid.py explains.)"""
+    import threading
+    from ray.cluster_utils import Cluster
+    from raybench.grid import main
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    epochs, moved = tmp_path / "dies" / "epochs.parquet", {}
+
+    def remove_worker_after_its_first_epoch():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not moved:
+            ep = pd.read_parquet(epochs) if epochs.exists() else None
+            if ep is not None and (ep.node_id == worker.node_id).any():
+                moved["trial"] = ep[ep.node_id == worker.node_id].trial.iloc[0]
+                cluster.remove_node(worker, allow_graceful=False)
+            time.sleep(0.2)
+    killer = threading.Thread(target=remove_worker_after_its_first_epoch, daemon=True)
+    killer.start()
+    try:
+        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-p8", "--epochs", "4",
+                   "--train-size", "1000", "--test-size", "200", "--results-dir", str(tmp_path), "--name", "dies",
+                   "--no-analysis"])
+    finally:
+        killer.join(timeout=5)
+        cluster.shutdown()
+    assert rc == 0 and moved
+    ep = pd.read_parquet(epochs)
+    assert not ep.duplicated(["trial", "epoch"]).any()
+    assert sorted(ep.groupby("trial").epoch.apply(list).tolist()) == [[1, 2, 3, 4]] * 2
+    assert ep[ep.trial == moved["trial"]].node_id.nunique() == 2  # began on the worker, ended on the head
