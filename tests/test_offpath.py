@@ -263,3 +263,17 @@ def test_a_worker_node_that_dies_mid_trial_costs_at_most_the_epoch_in_flight(tmp
     assert not ep.duplicated(["trial", "epoch"]).any()
     assert sorted(ep.groupby("trial").epoch.apply(list).tolist()) == [[1, 2, 3, 4]] * 2
     assert ep[ep.trial == moved["trial"]].node_id.nunique() == 2  # began on the worker, ended on the head
+
+
+def test_the_seed_study_fits_four_gpus_because_cached_fine_tunes_are_charged_for_their_head():
+    """A frozen, feature-cached Swin's steps run only its 768 x 100 head: it gets the smallest share, and the
+    whole seed study asks for at most the 4 GPUs it is run with (it asked for 5.125 when the fine-tunes were
+    charged a backbone forward per step)."""
+    from raybench.experiments import load_experiment
+    from raybench.resources import MIN_FRACTION, gpu_fraction, step_flops
+    trials = {t.name: t for t in load_experiment("seed").trials}
+    shares = {name: gpu_fraction(t) for name, t in trials.items()}
+    assert shares["swin-tiny-ft-seed"] == shares["swin-small-ft-seed"] == MIN_FRACTION
+    assert step_flops(trials["swin-small-ft-seed"]) == 3 * 2 * 768 * 100 * 32
+    assert shares["swin-tiny-scratch-seed"] == 1.0  # the same backbone trained: 3 x 9 GFLOPs x 32 per step
+    assert sum(shares.values()) <= 4, shares
