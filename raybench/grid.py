@@ -61,11 +61,16 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     return total
 
 
-def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> float:
+def step_flops(spec: TrialSpec) -> float:
+    """Training FLOPs of one optimiser step as the compute share counts them (the GPU check measures the same
+    figure against the GPU's busy time, to calibrate FULL_GPU_STEP_FLOPS)."""
     from raybench.complexity import complexity
-    cx = complexity(spec.model)
     passes = 1 if getattr(spec.model, "finetune", False) else 3
-    compute = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
+    return passes * complexity(spec.model).flops * spec.recipe.batch_size
+
+
+def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> float:
+    compute = step_flops(spec) / FULL_GPU_STEP_FLOPS
     memory = (trial_memory_bytes(spec) + CUDA_OVERHEAD_BYTES) / (gpu_memory_gb * 1e9)
     share = max(compute, memory)
     if share >= 1:
