@@ -47,9 +47,12 @@ QUICK_MODELS = ("vit-p8-e256-l4-h2-m2", "resnet18-cifar", "swin-tiny-ft")  # one
 CPU_MODELS = ("vit-p8-e32-l1-h2-m2",)
 
 # Seconds per part on one H100/H200, chosen so the full check stays within 8 minutes (480 s) and --quick
-# within 3 (180 s). Not yet measured on a GPU: the first run's part times say how much room each has; stretch
-# them all with --time-scale.
-FULL_BUDGET_S = {"tests": 135, "bench": 45, "study": 110, "grid": 55}  # bench: per model
+# within 3 (180 s); a bench model is a part of its own (`bench:<model>`), so a slow one costs only its rows. The
+# full bench's compiled rows cost most: a cold inductor compile of the model's forward and backward (Swin's
+# cached fine-tune compiles only its head). Not yet measured on a GPU: the first run's part times say how much
+# room each has; stretch them all with --time-scale.
+FULL_BUDGET_S = {"tests": 120, "study": 110, "grid": 50, "bench": 50}
+FULL_BENCH_S = {"vit-p8-e256-l4-h2-m2": 40, "vit-p4-e512-l8-h4-m4": 60, "resnet18-cifar": 60, "swin-tiny-ft": 40}
 QUICK_BUDGET_S = {"tests": 135, "bench": 15}
 CPU_BUDGET_S = {"tests": 120, "bench": 120, "study": 240, "grid": 240}  # a loaded 2-core machine, tiny sizes
 
@@ -60,7 +63,7 @@ class Plan:
     device: str  # cuda or cpu
     quick: bool
     parts: tuple[str, ...]
-    budgets_s: dict  # part -> seconds (bench: per model)
+    budgets_s: dict  # part -> seconds; the bench's per model, as bench:<model>
     bench_models: tuple[str, ...]
     bench_images: int
     bench_repeats: int
@@ -83,14 +86,16 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--parts={args.parts!r}: unknown part(s) {unknown}; accepted: {', '.join(PARTS)}")
     if args.time_scale <= 0:
         raise ValueError(f"--time-scale={args.time_scale}: must be > 0")
+    models = [m.strip() for m in (args.bench_models.split(",") if args.bench_models else (
+        CPU_MODELS if not cuda else (QUICK_MODELS if quick else FULL_MODELS))) if m.strip()]
     budgets = CPU_BUDGET_S if not cuda else (QUICK_BUDGET_S if quick else FULL_BUDGET_S)
-    budgets = {p: FULL_BUDGET_S[p] if p not in budgets else budgets[p] for p in PARTS}  # --parts may add some
+    budgets = {p: budgets.get(p, FULL_BUDGET_S[p]) for p in PARTS}  # --quick --parts may add full parts
+    budgets.update({f"bench:{m}": FULL_BENCH_S.get(m, budgets["bench"]) if cuda and not quick else budgets["bench"]
+                    for m in models})
     budgets = {p: s * args.time_scale for p, s in budgets.items()}
-    models = args.bench_models.split(",") if args.bench_models else (
-        CPU_MODELS if not cuda else (QUICK_MODELS if quick else FULL_MODELS))
     images = args.study_images or (CIFAR_TRAIN if cuda else 256)
     return Plan(device=args.device, quick=quick, parts=parts, budgets_s=budgets,
-                bench_models=tuple(m.strip() for m in models if m.strip()),
+                bench_models=tuple(models),
                 bench_images=args.bench_images or ((2_000 if quick else 5_000) if cuda else 128),
                 bench_repeats=1 if quick or not cuda else 2, bench_compile=cuda and not quick,
                 study_experiment=args.study_experiment or ("seed" if cuda else "smoke"),
@@ -238,7 +243,7 @@ def part_bench(plan: Plan, out: Path) -> tuple[list[dict], list[dict]]:
         cmd = [sys.executable, "-m", "raybench.bench", "--device", plan.device, "--models", model, "--images",
                str(plan.bench_images), "--repeats", str(plan.bench_repeats), "--warmup-batches", "2",
                "--out", str(d), *(["--compile"] if plan.bench_compile else []), *precision_args(plan.precision)]
-        row = run_part(f"bench:{model}", cmd, plan.budgets_s["bench"], out / "logs")
+        row = run_part(f"bench:{model}", cmd, plan.budgets_s[f"bench:{model}"], out / "logs")
         if (d / "bench.json").exists():
             result = json.loads((d / "bench.json").read_text())
             summary += result["summary"]
@@ -479,8 +484,9 @@ def markdown(report: dict) -> str:
              f"{m['cpus_usable']} usable CPUs",
              f"- torch {m['torch_version']} (CUDA {m['cuda_version'] or '-'}), torchvision "
              f"{m['torchvision_version']}, Python {m['python_version']}, raybench {m['git_commit'] or '(no commit)'}",
-             f"- time: {report['seconds']:.0f} s for the parts" + (f", {report['setup_s']:.0f} s setting up .venv "
-                                                                   "before them" if report["setup_s"] else ""), "",
+             f"- time: {report['seconds']:.0f} s for the parts (their budgets: "
+             f"{sum(p['budget_s'] for p in report['parts']):.0f} s)"
+             + (f", {report['setup_s']:.0f} s setting up .venv before them" if report["setup_s"] else ""), "",
              "## Parts", "", "| part | status | s | budget s | error |", "|---|---|---|---|---|"]
     for p in report["parts"]:
         lines.append(f"| {p['part']} | {p['status']} | {p['seconds']:.0f} | {p['budget_s']:.0f} | "
@@ -506,8 +512,10 @@ def markdown(report: dict) -> str:
     if report.get("study"):
         lines += [f"## One epoch of each `{plan['study_experiment']}` trial alone on the device "
                   f"({plan['study_images']:,} synthetic training images)", "",
-                  "Peak: the allocator's peak during the epoch (feature pass and evaluation included) against the "
-                  "estimate GPU shares are sized with (`trial_memory_bytes`). Busy: NVML's GPU utilisation during "
+                  ("Peak: the CUDA allocator's peak during the epoch (feature pass and evaluation included)"
+                   if plan["device"] == "cuda" else "Peak: on CPU the process's peak resident memory, not comparable")
+                  + " against the estimate GPU shares are sized with (`trial_memory_bytes`). Busy: NVML's GPU "
+                  "utilisation during "
                   "the training steps. Rule share: step FLOPs / FULL_GPU_STEP_FLOPS; implied full-GPU step "
                   "FLOPs: step FLOPs / busy, what FULL_GPU_STEP_FLOPS would be if this trial were the yardstick.", "",
                   "| trial | batch | epoch s | images/s | peak MB | estimate MB | peak / estimate | busy | "
@@ -535,7 +543,7 @@ def markdown(report: dict) -> str:
                   f"{_f(t['peak_memory_mb'], '{:,.0f}')} | {_f(t['estimate_mb'], '{:,.0f}')} | "
                   f"{_f(t['peak_over_estimate'])} |" for t in g["trials"]] + [""]
     lines += ["## Caveats", "",
-              "- Data is synthetic (CIFAR-100's shape: 32x32 uint8, 100 classes); accuracies here say nothing about "
+              "- Data is synthetic (CIFAR-100's image shape: 32x32 uint8); accuracies here say nothing about "
               "CIFAR-100. Weights are random where pretrained ones would need a download (Swin, ResNet `-pt`).",
               f"- Precision: {', '.join(report['precisions']) or '-'} (raybench trials); the bench's `reference` "
               "rows are fp32, `reference-bf16` the same loop under bf16 autocast.",
