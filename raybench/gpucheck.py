@@ -71,13 +71,12 @@ class Plan:
     study_experiment: str
     study_only: str | None
     study_images: int
-    study_test_images: int
     grid_experiment: str
     precision: str | None  # None: each tool's default
 
 
 def make_plan(args) -> Plan:
-    from raybench.data import CIFAR_TEST, CIFAR_TRAIN
+    from raybench.data import CIFAR_TRAIN
     cuda = args.device == "cuda"
     quick = args.quick
     parts = tuple(args.parts.split(",")) if args.parts else (("tests", "bench") if quick else PARTS)
@@ -88,6 +87,7 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--time-scale={args.time_scale}: must be > 0")
     models = [m.strip() for m in (args.bench_models.split(",") if args.bench_models else (
         CPU_MODELS if not cuda else (QUICK_MODELS if quick else FULL_MODELS))) if m.strip()]
+    check_names(parts, models, args)
     budgets = CPU_BUDGET_S if not cuda else (QUICK_BUDGET_S if quick else FULL_BUDGET_S)
     budgets = {p: budgets.get(p, FULL_BUDGET_S[p]) for p in PARTS}  # --quick --parts may add full parts
     budgets.update({f"bench:{m}": FULL_BENCH_S.get(m, budgets["bench"]) if cuda and not quick else budgets["bench"]
@@ -99,9 +99,25 @@ def make_plan(args) -> Plan:
                 bench_images=args.bench_images or ((2_000 if quick else 5_000) if cuda else 128),
                 bench_repeats=1 if quick or not cuda else 2, bench_compile=cuda and not quick,
                 study_experiment=args.study_experiment or ("seed" if cuda else "smoke"),
-                study_only=args.study_only, study_images=images,
-                study_test_images=max(1, images * CIFAR_TEST // CIFAR_TRAIN),
-                grid_experiment=args.grid_experiment, precision=args.precision)
+                study_only=args.study_only, study_images=images, grid_experiment=args.grid_experiment, precision=args.precision)
+
+
+def check_names(parts: tuple[str, ...], models: list[str], args) -> None:
+    """Model names and experiments the parts would only reach minutes in, refused now (ValueError)."""
+    from raybench.configs import ConfigError, parse_model_name
+    from raybench.experiments import ExperimentError, load_experiment
+    from raybench.grid import select
+    try:
+        if "bench" in parts:
+            for m in models:
+                parse_model_name(m)
+        if "study" in parts:
+            select(load_experiment(args.study_experiment or ("seed" if args.device == "cuda" else "smoke"),
+                                   dataset="synthetic"), args.study_only)
+        if "grid" in parts:
+            load_experiment(args.grid_experiment)
+    except (ConfigError, ExperimentError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from None
 
 
 # --- precision: the one place that knows the trainer's setting (issue 12, item 3) ---------------------------
@@ -169,7 +185,7 @@ def run_part(name: str, cmd: list[str], budget_s: float, logs: Path) -> dict:
 
 
 def _stop_group(p: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(p.pid, sig)
         except ProcessLookupError:

@@ -97,7 +97,7 @@ def test_a_checkpoint_written_on_cuda_resumes_to_the_uninterrupted_run(small_syn
     next(first.epochs())
     first.save(tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)
-    assert state["cuda_rng"] is not None and state["gen"].dtype == torch.uint8  # the CUDA generator's state
+    assert state["cuda_rng"] is not None  # the device's global RNG travels with the batch generator's state
 
     def resumed(keep_generator=True):
         t = Trial(spec, device="cuda", dataset=small_synthetic)

@@ -23,9 +23,14 @@ def check(*args, timeout=240):
 @pytest.fixture(scope="module")
 def cpu_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    # vit-p3 is no model name: that bench process fails at once, and the next model and part must still run.
-    r = check("--parts", "tests,bench,study", "--bench-models", "vit-p3,vit-p8-e32-l1-h2-m2",
-              "--study-only", "vit-p8-e32-l1*", "--study-images", 128, "--out", out)
+    # A study whose first trial diverges (lr 1e12): that trial is a row with its error, the next trial still
+    # runs; the study part fails, and the bench after it still runs (parts run in the order given).
+    exp = out / "diverging.yaml"
+    exp.write_text(json.dumps({"name": "diverging", "dataset": {"name": "synthetic"}, "num_classes": 10,
+                               "epochs": 1, "models": [{"name": "vit-p8-e32-l1-h2-m2", "recipe": {"lr": 1e12}},
+                                                       "vit-p8-e32-l2-h2-m2"]}))
+    r = check("--parts", "tests,study,bench", "--study-experiment", exp, "--study-images", 256,
+              "--bench-models", "vit-p8-e32-l1-h2-m2", "--out", out)
     return out, r
 
 
@@ -34,7 +39,7 @@ def test_the_check_writes_its_report_and_prints_its_path_last(cpu_check):
     assert r.stdout.strip().splitlines()[-1] == str(out / "report.md"), r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["torch_version"] and report["machine"]["date_utc"]
-    assert [p["part"] for p in report["parts"]] == ["tests", "bench:vit-p3", "bench:vit-p8-e32-l1-h2-m2", "study"]
+    assert [p["part"] for p in report["parts"]] == ["tests", "study", "bench:vit-p8-e32-l1-h2-m2"]
     for p in report["parts"]:
         assert Path(p["log"]).read_text().startswith("$ "), p  # each part's output kept
     md = (out / "report.md").read_text()
@@ -46,11 +51,14 @@ def test_the_check_writes_its_report_and_prints_its_path_last(cpu_check):
 def test_a_failing_part_is_a_row_with_its_error_and_the_rest_still_runs(cpu_check):
     out, r = cpu_check
     assert r.returncode == 1  # not every part ok
-    parts = {p["part"]: p for p in json.loads((out / "report.json").read_text())["parts"]}
-    bad = parts["bench:vit-p3"]
-    assert bad["status"] == "failed" and "model name 'vit-p3'" in bad["error"], bad
-    assert f"| bench:vit-p3 | failed |" in (out / "report.md").read_text()
-    assert parts["bench:vit-p8-e32-l1-h2-m2"]["status"] == "ok" and parts["study"]["status"] == "ok", parts
+    report = json.loads((out / "report.json").read_text())
+    parts = {p["part"]: p for p in report["parts"]}
+    study = parts["study"]
+    assert study["status"] == "failed" and "vit-p8-e32-l1-h2-m2-seed: non-finite training loss" in study["error"]
+    diverged, ok = report["study"]
+    assert diverged["status"] == "diverged" and ok["status"] == "ok" and ok["epoch_time_s"] > 0
+    assert "| study | failed | " in (out / "report.md").read_text()
+    assert parts["tests"]["status"] == parts["bench:vit-p8-e32-l1-h2-m2"]["status"] == "ok", parts
 
 
 def test_the_cuda_tests_count_as_skipped_without_cuda(cpu_check):
@@ -70,13 +78,13 @@ def test_bench_and_study_rows_carry_what_was_measured(cpu_check):
     report = json.loads((out / "report.json").read_text())
     assert {s["loop"] for s in report["bench"]} == {"reference", "raybench"}
     assert all(s["model"] == "vit-p8-e32-l1-h2-m2" and s["images_per_s_median"] > 0 for s in report["bench"])
-    (row,) = report["study"]
-    assert row["trial"] == "vit-p8-e32-l1-h2-m2-seed" and row["images"] == 128 and row["device"] == "cpu"
+    row = report["study"][1]
+    assert row["trial"] == "vit-p8-e32-l2-h2-m2-seed" and row["images"] == 256 and row["device"] == "cpu"
     assert row["epoch_time_s"] > 0 and row["peak_memory_mb"] > 0 and row["estimate_mb"] > 0
     # the share rule's numerator: forward, backward (about twice the forward) for a batch of 64
     from raybench.complexity import complexity
     from raybench.configs import parse_model_name
-    forward = complexity(parse_model_name("vit-p8-e32-l1-h2-m2", num_classes=10)).flops
+    forward = complexity(parse_model_name("vit-p8-e32-l2-h2-m2", num_classes=10)).flops
     assert row["step_gflops"] == pytest.approx(3 * forward * 64 / 1e9)
     assert row["rule_compute_share"] == pytest.approx(row["step_gflops"] * 1e9 / 1e12)
     assert row["busy_fraction"] is None and "no GPU" in row["note"]  # no GPU: not measured, and said so
@@ -95,6 +103,10 @@ def test_bad_input_is_refused_before_any_part_runs(tmp_path, capsys):
     assert "--parts='tests,nope'" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert gpucheck.main(["--device", "cpu", "--time-scale", "0", "--out", str(tmp_path / "b")]) == 2
     assert "--time-scale=0.0: must be > 0" in capsys.readouterr().err
+    assert gpucheck.main(["--device", "cpu", "--bench-models", "vit-p3", "--out", str(tmp_path / "b")]) == 2
+    assert "model name 'vit-p3'" in capsys.readouterr().err
+    assert gpucheck.main(["--device", "cpu", "--study-only", "zzz", "--out", str(tmp_path / "b")]) == 2
+    assert "--only='zzz' matches no trial" in capsys.readouterr().err and not (tmp_path / "b").exists()
     import torch
     if not torch.cuda.is_available():
         assert gpucheck.main(["--out", str(tmp_path / "c")]) == 2
