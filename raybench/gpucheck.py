@@ -495,7 +495,8 @@ def _f(x, fmt="{:.2f}") -> str:
 def markdown(report: dict) -> str:
     m, plan = report["machine"], report["plan"]
     lines = [f"# raybench GPU check, {m['date_utc']}", "",
-             f"- command: `{report['command']}` ({'quick' if plan['quick'] else 'full'} check on {plan['device']})",
+             f"- command: `{report['command']}` ({'quick' if plan['quick'] else 'full'} check on {plan['device']}: "
+             f"{', '.join(plan['parts'])})",
              f"- GPU: {m['gpu'] or 'none'}; NVIDIA driver {report['driver'] or '-'}; CPU: {m['cpu_model']}, "
              f"{m['cpus_usable']} usable CPUs",
              f"- torch {m['torch_version']} (CUDA {m['cuda_version'] or '-'}), torchvision "
@@ -528,9 +529,10 @@ def markdown(report: dict) -> str:
     if report.get("study"):
         lines += [f"## One epoch of each `{plan['study_experiment']}` trial alone on the device "
                   f"({plan['study_images']:,} synthetic training images)", "",
-                  ("Peak: the CUDA allocator's peak during the epoch (feature pass and evaluation included)"
-                   if plan["device"] == "cuda" else "Peak: on CPU the process's peak resident memory, not comparable")
-                  + " against the estimate GPU shares are sized with (`trial_memory_bytes`). Busy: NVML's GPU "
+                  ("Peak: the CUDA allocator's peak during the epoch (feature pass and evaluation included), "
+                   "against" if plan["device"] == "cuda" else
+                   "Peak: on CPU the process's peak resident memory, not comparable with")
+                  + " the estimate GPU shares are sized with (`trial_memory_bytes`). Busy: NVML's GPU "
                   "utilisation during "
                   "the training steps. Rule share: step FLOPs / FULL_GPU_STEP_FLOPS; implied full-GPU step "
                   "FLOPs: step FLOPs / busy, what FULL_GPU_STEP_FLOPS would be if this trial were the yardstick.", "",

@@ -121,6 +121,14 @@ def test_busy_fraction_averages_the_samples_inside_the_window_and_overlaps_are_c
     assert gpucheck.max_at_once([(0, 1), (1, 2)]) == 1
 
 
+def test_without_nvml_or_nvidia_smi_the_busy_sampler_says_why_it_measures_nothing():
+    if shutil.which("nvidia-smi"):
+        pytest.skip("nvidia-smi is here: the sampler would use it")
+    with gpucheck.BusySampler() as sampler:
+        pass
+    assert sampler.read is None and sampler.samples == [] and "NVML unavailable" in sampler.why, sampler.why
+
+
 def test_the_script_parses_and_passes_shellcheck():
     script = REPO / "scripts" / "gpu-check.sh"
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
