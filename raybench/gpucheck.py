@@ -38,7 +38,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PARTS = ("tests", "bench", "study", "grid")
-OK, FAILED, TIMED_OUT, NOT_RUN = "ok", "failed", "timed out", "not run"
+OK, FAILED, TIMED_OUT = "ok", "failed", "timed out"
 REPO = Path(__file__).resolve().parent.parent
 
 # ViT p8-e256-l4-h2-m2 and p4-e512-l8-h4-m4 are the seed experiment's smallest and largest ViTs.
@@ -87,22 +87,24 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--time-scale={args.time_scale}: must be > 0")
     models = [m.strip() for m in (args.bench_models.split(",") if args.bench_models else (
         CPU_MODELS if not cuda else (QUICK_MODELS if quick else FULL_MODELS))) if m.strip()]
-    check_names(parts, models, args)
+    study = args.study_experiment or ("seed" if cuda else "smoke")
+    check_names(parts, models, study, args.study_only, args.grid_experiment)
     budgets = CPU_BUDGET_S if not cuda else (QUICK_BUDGET_S if quick else FULL_BUDGET_S)
     budgets = {p: budgets.get(p, FULL_BUDGET_S[p]) for p in PARTS}  # --quick --parts may add full parts
-    budgets.update({f"bench:{m}": FULL_BENCH_S.get(m, budgets["bench"]) if cuda and not quick else budgets["bench"]
-                    for m in models})
+    full = cuda and not quick
+    budgets.update({f"bench:{m}": FULL_BENCH_S.get(m, budgets["bench"]) if full else budgets["bench"] for m in models})
     budgets = {p: s * args.time_scale for p, s in budgets.items()}
     images = args.study_images or (CIFAR_TRAIN if cuda else 256)
     return Plan(device=args.device, quick=quick, parts=parts, budgets_s=budgets,
                 bench_models=tuple(models),
                 bench_images=args.bench_images or ((2_000 if quick else 5_000) if cuda else 128),
-                bench_repeats=1 if quick or not cuda else 2, bench_compile=cuda and not quick,
-                study_experiment=args.study_experiment or ("seed" if cuda else "smoke"),
-                study_only=args.study_only, study_images=images, grid_experiment=args.grid_experiment, precision=args.precision)
+                bench_repeats=2 if full else 1, bench_compile=full,
+                study_experiment=study,
+                study_only=args.study_only, study_images=images, grid_experiment=args.grid_experiment,
+                precision=args.precision)
 
 
-def check_names(parts: tuple[str, ...], models: list[str], args) -> None:
+def check_names(parts: tuple[str, ...], models: list[str], study: str, study_only: str | None, grid: str) -> None:
     """Model names and experiments the parts would only reach minutes in, refused now (ValueError)."""
     from raybench.configs import ConfigError, parse_model_name
     from raybench.experiments import ExperimentError, load_experiment
@@ -112,10 +114,9 @@ def check_names(parts: tuple[str, ...], models: list[str], args) -> None:
             for m in models:
                 parse_model_name(m)
         if "study" in parts:
-            select(load_experiment(args.study_experiment or ("seed" if args.device == "cuda" else "smoke"),
-                                   dataset="synthetic"), args.study_only)
+            select(load_experiment(study, dataset="synthetic"), study_only)
         if "grid" in parts:
-            load_experiment(args.grid_experiment)
+            load_experiment(grid)
     except (ConfigError, ExperimentError, FileNotFoundError) as e:
         raise ValueError(str(e)) from None
 
@@ -206,8 +207,9 @@ def last_line(log: Path, limit: int = 400) -> str:
     return ""
 
 
-def not_run(name: str, why: str) -> dict:
-    return {"part": name, "status": NOT_RUN, "seconds": 0.0, "budget_s": 0.0, "returncode": None, "command": "",
+def broken(name: str, why: str) -> dict:
+    """The row of a part whose output the driver could not read."""
+    return {"part": name, "status": FAILED, "seconds": 0.0, "budget_s": 0.0, "returncode": None, "command": "",
             "log": "", "error": why}
 
 
@@ -451,6 +453,11 @@ def study_worker(rows_file: Path, device: str, experiment: str, only: str | None
     data = synthetic(images, test_images, num_classes=exp.trials[0].model.num_classes)
     print(f"[study] {len(exp.trials)} trials of {exp.name}, {images}/{test_images} synthetic images, {device}",
           flush=True)
+    if device.startswith("cuda"):  # cuBLAS and cuDNN start up on their first call: not in a trial's epoch
+        x = torch.randn(8, 3, 32, 32, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.nn.functional.conv2d(x, torch.randn(8, 3, 3, 3, device=device)).flatten(1).matmul(
+                torch.randn(8 * 30 * 30, 8, device=device)).sum().item()
     sampler = BusySampler() if device.startswith("cuda") else None
     with (sampler or _NoSampler()) as s:
         for t in exp.trials:
@@ -597,8 +604,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "parts, about 8)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda (default), or cpu: the same parts at tiny sizes, to check the driver without a GPU")
-    p.add_argument("--parts", help=f"comma-separated parts to run: {', '.join(PARTS)} "
-                                   "(default: all; --quick: tests,bench)")
+    p.add_argument("--parts", help=f"comma-separated parts to run, in the order given: {', '.join(PARTS)} "
+                                   "(default: all, in that order; --quick: tests,bench)")
     p.add_argument("--out", default="results/gpu-check", help="output folder (default: results/gpu-check)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply every part's time budget by this (default: 1)")
@@ -648,8 +655,7 @@ def main(argv=None) -> int:
             rows, data = {"tests": part_tests, "bench": part_bench, "study": part_study,
                           "grid": part_grid}[part](plan, out)
         except Exception as e:  # reading a part's output failed: that part is a row with the error
-            rows, data = [not_run(part, f"the check itself failed: {type(e).__name__}: {e}")], None
-            rows[0]["status"] = FAILED
+            rows, data = [broken(part, f"the check itself failed: {type(e).__name__}: {e}")], None
         report["parts"] += rows
         report[part] = data if data is not None else report[part]
     report["seconds"] = time.perf_counter() - t0
