@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 
 from raybench.analysis.load import BUILT_IN, KNOBS, METRICS, Run
+from raybench.records import OK
 
 FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates, attention matmuls included"
 KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (dim)", "depth": "depth (blocks)",
                "heads": "attention heads", "mlp_ratio": "MLP ratio"}
-FLOPS_SOURCES = "closed form: raybench's formulas, held to the built models by its tests; counted: FlopCounterMode"
+FLOPS_SOURCES = ("closed form: raybench's formulas, held to the built models by its tests; counted: "
+                 "torch.utils.flop_counter on the built model")
 _CONFIG_TABLE = ["model", "recipe", "n", "status", "epochs_done", "epochs_planned", "params", "gflops",
                  "mean_epoch_time_s", "test_acc_at_10", "final_test_acc", "best_test_acc"]
 
@@ -26,15 +28,13 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
         "model", "recipe", "family", "n", "status", "epochs_done", "epochs_planned", *KNOBS, "params",
         "trainable_params", "gflops", "flops_source", "pretrained", "finetune", "seeds",
         *METRICS, *(m + "_std" for m in METRICS)])
-    order = lambda d: d.sort_values(["recipe", "final_test_acc"], ascending=[False, False]).reset_index(drop=True)
-    vit_resnet = order(c[c["family"].isin(["vit", "resnet"])])[_CONFIG_TABLE]
-    swin = order(c[c["family"] == "swin"])[
+    vit_resnet = _ranked(c[c["family"].isin(["vit", "resnet"])])[_CONFIG_TABLE]
+    swin = _ranked(c[c["family"] == "swin"])[
         ["model", "recipe", "n", "status", "epochs_done", "epochs_planned", "trainable_params", "params",
          "mean_epoch_time_s", "total_time_s", "final_test_acc"]]
     # Families beyond the study's own (torchvision, hf, py, ...): one table, a row per configuration, each row
     # naming its family; their FLOPs may be counted rather than closed-form, so the table says which.
-    others = c[~c["family"].isin(BUILT_IN)].sort_values(
-        ["family", "recipe", "final_test_acc"], ascending=[True, False, False]).reset_index(drop=True)[
+    others = _ranked(c[~c["family"].isin(BUILT_IN)], by=("family",))[
         ["family", "model", "recipe", "n", "status", "epochs_done", "epochs_planned", "pretrained", "finetune",
          "trainable_params", "params", "gflops", "flops_source", "mean_epoch_time_s", "total_time_s",
          "test_acc_at_10", "final_test_acc", "best_test_acc"]]
@@ -53,6 +53,14 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
     return {"vit_resnet": vit_resnet, "swin": swin, "other_families": others, "seeds": seeds.reset_index(drop=True),
             "knob_effects": run.knob_effects, "recipes": run.recipe_pairs, "complexity": complexity,
             "per_trial": trials}
+
+
+def _ranked(configs: pd.DataFrame, by=()) -> pd.DataFrame:
+    """Per recipe (seed, then improved), finished configurations first by accuracy; below them the partial and
+    stopped-early ones, whose accuracy is from fewer epochs and would otherwise top a ranking it is not part of."""
+    return (configs.assign(_done=configs["status"] == OK)
+            .sort_values([*by, "recipe", "_done", "final_test_acc"], ascending=[*(True for _ in by), False, False, False])
+            .drop(columns="_done").reset_index(drop=True))
 
 
 def table_titles(run: Run) -> dict[str, str]:
