@@ -489,6 +489,17 @@ def test_flops_source_precision_and_cuda_version_are_shown(tmp_path):
     assert not any("CUDA" in c for c in caveats(old))  # no cuda_version column: nothing claimed
 
 
+def test_a_run_with_nothing_finished_yet_claims_nothing(tmp_path):
+    waiting = [trial(VITS[0], done=0, status="pending"),
+               other_family("py-mynet", "py", 0.2, params=120_000, flops=3.1e7)]
+    waiting[1] = ({**waiting[1][0], "status": "pending"}, [])
+    run = load_run(write_run(tmp_path / "run", waiting))
+    assert run.configs.empty and findings(run) == [] and run.knob_effects.empty and run.recipe_pairs.empty
+    text = write_report(run, tmp_path / "out").read_text()
+    assert "No completed trial yet: nothing to discuss." in text and "(none: no epoch rows" in text
+    assert set(summary_tables(run)["complexity"]["model"]) == {VITS[0], "py-mynet"}  # known before training
+
+
 # ------------------------------------------------------------------------------------------- partial and bad runs
 def test_partial_run_says_what_is_missing(tmp_path):
     running = trial("vit-p8-e128-l4-h2-m2", final=0.2, done=5, status="running")

@@ -220,7 +220,8 @@ def family_findings(run: Run) -> list[Finding]:
     out = []
     vits = run.done("vit")
     for family in (f for f in run.families if f not in BUILT_IN):
-        for recipe, g in run.done(family).groupby("recipe", sort=False):
+        done = run.done(family)
+        for recipe, g in (done.groupby("recipe", sort=False) if len(done) else []):
             best = g.loc[g["final_test_acc"].idxmax()]
             how = ("fine-tuned, frozen backbone" if best["finetune"] else
                    "from pretrained weights" if best["pretrained"] else "from scratch")

@@ -73,7 +73,7 @@ class Run:
     def done(self, family: str | None = None) -> pd.DataFrame:
         """Complete configurations (status ok, every planned epoch of a trial recorded), of one family if given."""
         c = self.complete
-        return c if family is None else c[c["family"] == family]
+        return c if family is None or c.empty else c[c["family"] == family]
 
     @cached_property
     def complete(self) -> pd.DataFrame:
