@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from matplotlib.colors import to_hex
 
 from raybench.analysis import (analyse, caveats, family_colors, find_run_dir, findings, load_run, make_plots,
@@ -216,9 +216,9 @@ def test_a_swin_trials_time_includes_its_one_off_feature_pass(tmp_path):
     assert f"{ratio:.2f}x the whole trial's time" in text and "0.10x the training time per epoch" in text
 
 
-def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(run_dir, tmp_path):
+def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(report, tmp_path):
     out = tmp_path / "analysis"
-    analyse(run_dir, out)
+    shutil.copytree(report.parent, out)  # what analysing the whole study wrote
     assert (out / "swin.md").exists() and (out / "curves_swin.png").exists() and (out / "knob_effects.svg").exists()
     (out / "notes.txt").write_text("mine")  # not the analysis's: stays
     only_vits = tmp_path / "vits"
@@ -419,7 +419,9 @@ def test_a_trial_stopped_early_is_shown_but_makes_no_claim(tmp_path):
     assert all("vit-p4-e256-l8-h4-m2" not in f.text for f in findings(run))
     said = " ".join(caveats(run))
     assert "8 ok, 1 stopped-early" in said and "not by a failure" in said
-    plots = {p.name: p for p in make_plots(run, tmp_path / "out")}
+    # Plotted beside two finished ViTs that share no knob (no knob-effects figure: the plots stay quick).
+    few = load_run(write_run(tmp_path / "few", [vits[0], vits[3], stopped]))
+    plots = {p.name: p for p in make_plots(few, tmp_path / "out")}
     curves = plots["curves_vit.svg"].read_text()
     assert "vit-p4-e256-l8-h4-m2-seed (stopped early)" in curves and "dash-dot: stopped early" in curves
     assert "vit-p4-e256-l8-h4-m2" not in plots["acc_vs_params.svg"].read_text()  # scatter: finished trials only
@@ -451,11 +453,14 @@ def test_a_model_family_of_its_own_beside_the_vits(tmp_path):
     colors = family_colors(run.families)
     assert run.families == ["vit", "py", "torchvision"]
     assert len({colors[f] for f in run.families}) == 3
-    text = write_report(run, tmp_path / "out").read_text()
+    text = write_report(run, tmp_path / "out", plots=[]).read_text()
     assert best_tv.text in text and "torchvision (seed): 12 epochs at 224 px" in text
-    scatter = (tmp_path / "out" / "acc_vs_params.svg").read_text()
-    assert "torchvision, seed recipe" in scatter and to_hex(colors["torchvision"]) in scatter
-    assert (tmp_path / "out" / "curves_torchvision.png").exists() and (tmp_path / "out" / "curves_py.png").exists()
+    # Plotted beside two ViTs that share no knob (no knob-effects figure: the plots stay quick).
+    few = load_run(write_run(tmp_path / "few", [vits[0], vits[3], tv, py]))
+    plots = {p.name: p for p in make_plots(few, tmp_path / "plots")}
+    scatter = plots["acc_vs_params.svg"].read_text()
+    assert "torchvision, seed recipe" in scatter and to_hex(family_colors(few.families)["torchvision"]) in scatter
+    assert {"curves_vit.png", "curves_torchvision.png", "curves_py.png"} <= set(plots)
 
 
 def test_flops_source_precision_and_cuda_version_are_shown(tmp_path):
@@ -573,7 +578,9 @@ def test_find_run_dir(tmp_path, monkeypatch):
     assert find_run_dir("explicit", start=tmp_path) == Path("explicit")
 
 
-def test_cli(run_dir, tmp_path):
+def test_cli(tmp_path):
+    # The command's wiring, on a small run: the study's numbers are the in-process tests' to check.
+    run_dir = small_run(tmp_path / "run", {VITS[0]: 0.30, VITS[3]: 0.35}, resnet=0.38)
     cmd = [sys.executable, "-m", "raybench.analysis"]
     ok = subprocess.run([*cmd, str(run_dir), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

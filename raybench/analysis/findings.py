@@ -307,7 +307,7 @@ def caveats(run: Run) -> list[str]:
 
 
 def _precision_caveat(pt: pd.DataFrame) -> str:
-    names = {"bf16": "bf16 autocast", "fp32": "fp32"}
+    names = {"bf16": "bf16 autocast", "fp32": "fp32", "auto": "auto (no epoch yet to resolve it)"}
     counts = pt["precision"].replace("", "not recorded").value_counts()
     if list(counts.index) == ["not recorded"]:
         return "Precision: not recorded in this run."

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raybench.configs import ConfigError, parse_model_name
 from raybench.records import OK, PENDING, RUNNING, STOPPED_EARLY, epoch_summary
 
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
@@ -199,7 +200,6 @@ def _identity(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _parse_built_in(model: str):
-    from raybench.configs import ConfigError, parse_model_name
     try:
         return parse_model_name(model)
     except ConfigError:  # a family raybench does not name this way: identity must come from columns
