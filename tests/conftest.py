@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Swin saved with save_pretrained (the offline stand-in for the hub
-checkpoints), and a small synthetic dataset. Everything is generated here; nothing is downloaded."""
+"""Shared fixtures and tiny configs: a tiny random Swin saved with save_pretrained (the offline stand-in for the
+hub checkpoints), one tiny config per model family, and a small synthetic dataset. Everything is generated
+here; nothing is downloaded."""
 from __future__ import annotations
 
 import os
@@ -10,18 +11,37 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from raybench.configs import ResNetConfig, SwinConfig, ViTConfig  # noqa: E402  (after the environment above)
+
+# The smallest ViT the tests train: one block of width 32 on 8x8 patches, 10 classes (the synthetic sets').
+# Variants are `dataclasses.replace(TINY_VIT, ...)`.
+TINY_VIT = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+
+# Test ids of the tiny configs in `tiny_models`: one per built-in family and variant.
+TINY_MODELS = ("vit", "resnet18-cifar", "resnet18-imagenet", "swin-ft", "swin-scratch")
+
 
 @pytest.fixture(scope="session")
 def tiny_swin_dir(tmp_path_factory):
     """A 2-stage Swin for 32x32 images with random weights and a 10-class head, written by save_pretrained."""
     import torch
-    from transformers import SwinConfig, SwinForImageClassification
+    from transformers import SwinConfig as HFSwinConfig, SwinForImageClassification
     torch.manual_seed(0)
-    cfg = SwinConfig(image_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
+    cfg = HFSwinConfig(image_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
                      num_labels=10)
     path = tmp_path_factory.mktemp("tiny-swin")
     SwinForImageClassification(cfg).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_swin_dir) -> dict:
+    """TINY_MODELS id -> config, 10 classes each: our counterpart of the registry timm's tests run every model
+    of. The Swin ones load tiny_swin_dir's save_pretrained folder, as a user's checkpoint would."""
+    return dict(zip(TINY_MODELS, (TINY_VIT, ResNetConfig("cifar", num_classes=10),
+                                  ResNetConfig("imagenet", num_classes=10),
+                                  SwinConfig(tiny_swin_dir, finetune=True, num_classes=10),
+                                  SwinConfig(tiny_swin_dir, finetune=False, num_classes=10)), strict=True))
 
 
 @pytest.fixture(scope="session")
