@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
+from conftest import TINY_VIT
+from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.train import CACHE_OFF_AUGMENT, CACHE_OFF_DISABLED, CACHE_OFF_NOT_FROZEN, CACHE_ON, Trial
 
 
@@ -43,8 +44,7 @@ def test_augmentation_turns_the_cache_off_and_says_so(tiny_swin_dir, small_synth
 
 def test_models_that_train_their_backbone_are_not_cached(tiny_swin_dir):
     scratch = SwinConfig(tiny_swin_dir, finetune=False, num_classes=10)
-    vit = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
-    for model in (scratch, vit):
+    for model in (scratch, TINY_VIT):
         trial = Trial(TrialSpec(model, default_recipe("seed", model), DataSpec("synthetic", train_size=64,
                                                                               test_size=32)), device="cpu")
         assert trial.feature_cache == CACHE_OFF_NOT_FROZEN
@@ -69,7 +69,7 @@ def test_the_compile_warm_up_leaves_training_unchanged(small_synthetic):
     data = dataclasses.replace(small_synthetic, train_x=small_synthetic.train_x[:200],
                                train_y=small_synthetic.train_y[:200], test_x=small_synthetic.test_x[:100],
                                test_y=small_synthetic.test_y[:100])
-    for model in (ResNetConfig("imagenet", num_classes=10), ViTConfig(8, 32, 1, 2, 2.0, dropout=0.2, num_classes=10)):
+    for model in (ResNetConfig("imagenet", num_classes=10), dataclasses.replace(TINY_VIT, dropout=0.2)):
         spec = TrialSpec(model, dataclasses.replace(default_recipe("seed", model), epochs=1),
                          DataSpec("synthetic", train_size=200, test_size=100))
         warmed = Trial(spec, device="cpu", threads=1, dataset=data)
@@ -92,7 +92,7 @@ def test_compiled_trial_matches_eager_and_reports_compile_time_apart(small_synth
     why = _inductor_works()
     if why:
         pytest.skip(why)
-    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    model = TINY_VIT
     # 512 training images in batches of 64 and 256 test images: one batch shape each, so one compile each.
     data = dataclasses.replace(small_synthetic, train_x=small_synthetic.train_x[:512],
                                train_y=small_synthetic.train_y[:512], test_x=small_synthetic.test_x[:256],
