@@ -20,9 +20,14 @@ def run(spec, data, **kw):
     return list(Trial(spec, device="cpu", threads=1, dataset=data, **kw).epochs())
 
 
-def test_cached_features_train_the_head_like_the_uncached_loop(tiny_swin_dir, small_synthetic):
-    spec = swin_ft_spec(tiny_swin_dir)
-    cached, plain = run(spec, small_synthetic), run(spec, small_synthetic, feature_cache=False)
+@pytest.fixture(scope="module")
+def cached_swin_run(tiny_swin_dir, small_synthetic):
+    """The two epochs of the cached Swin fine-tune, run once for the tests that compare against them."""
+    return run(swin_ft_spec(tiny_swin_dir), small_synthetic)
+
+
+def test_cached_features_train_the_head_like_the_uncached_loop(cached_swin_run, tiny_swin_dir, small_synthetic):
+    cached, plain = cached_swin_run, run(swin_ft_spec(tiny_swin_dir), small_synthetic, feature_cache=False)
     assert [r["feature_cache"] for r in cached] == [CACHE_ON] * 2
     assert [r["feature_cache"] for r in plain] == [CACHE_OFF_DISABLED] * 2
     for c, p in zip(cached, plain):
@@ -50,9 +55,8 @@ def test_models_that_train_their_backbone_are_not_cached(tiny_swin_dir):
         assert trial.feature_cache == CACHE_OFF_NOT_FROZEN
 
 
-def test_a_resumed_cached_trial_recomputes_its_features(tiny_swin_dir, small_synthetic, tmp_path):
-    spec = swin_ft_spec(tiny_swin_dir, epochs=2)
-    full = run(spec, small_synthetic)
+def test_a_resumed_cached_trial_recomputes_its_features(cached_swin_run, tiny_swin_dir, small_synthetic, tmp_path):
+    spec, full = swin_ft_spec(tiny_swin_dir, epochs=2), cached_swin_run
     first = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
     next(first.epochs())
     first.save(tmp_path / "state.pt")
