@@ -92,6 +92,8 @@ def smoke_watched(tmp_path_factory):
     import threading
     import time
     from types import SimpleNamespace
+
+    import psutil
     from raybench.experiments import load_experiment
     trials = {t.name for t in load_experiment("smoke").trials}
     results = tmp_path_factory.mktemp("results")
@@ -123,8 +125,10 @@ def smoke_watched(tmp_path_factory):
                         alive_actors |= {a.get("repr_name") for a in actors if a.get("state") == "ALIVE"}
                         jobs += dashboard_get(url, "/api/jobs/")
                         sockets |= set(listening(proc.pid))
-                    except (OSError, ValueError, KeyError):
-                        pass  # the dashboard is starting up or has stopped (the analysis runs after Ray)
+                    except (OSError, ValueError, KeyError, psutil.Error):
+                        # the dashboard is starting up or has stopped (the analysis runs after Ray), or a worker
+                        # process ended between being listed and being asked for its name
+                        pass
                 time.sleep(0.5)
             proc.wait(timeout=max(1, deadline - time.time()))
         finally:

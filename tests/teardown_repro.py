@@ -1,9 +1,9 @@
 """Candidate reproducer for the one teardown SIGSEGV of the pytest process (see the end of conftest.py).
 
-Does in one process every native thing the pytest process does, then exits normally: torch.compile's inductor
-compile workers, an in-process two-raylet Ray cluster driven by raybench.grid.main (Tune), a second Ray session,
-torch's intra-op threads (as the in-process Trials use), then the interpreter's teardown. Run it in a loop with
-the fault handler on, and look for exit status 139 and a "Fatal Python error" stack in the logs:
+Runs in one process the native machinery the pytest process runs in-process, then exits normally: inductor's
+compile workers (torch.compile), an in-process two-raylet Ray cluster driven by raybench.grid.main (Tune), a
+second Ray session, torch's intra-op threads (as the in-process Trials use), then the interpreter's teardown.
+Run it in a loop with the fault handler on; look for exit status 139 and a "Fatal Python error" in the logs:
 
     for i in $(seq 20); do PYTHONPATH=$PWD python -X faulthandler tests/teardown_repro.py > repro.$i.log 2>&1;
         echo "$i rc=$?"; done
