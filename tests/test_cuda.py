@@ -20,12 +20,11 @@ from conftest import run_grid
 from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
 from raybench.gpucheck import max_at_once
 from raybench.train import STATUS_OK, STATUS_OOM, STATUS_RUNNING, Trial
+from conftest import TINY_VIT
 from test_train import CHANCE_BEATEN, spec_for
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-TINY_VIT = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
 
 
 def bf16(spec: TrialSpec) -> TrialSpec:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_grid
+from conftest import TINY_VIT, run_grid
 from raybench.experiments import load_experiment
 
 SMOKE = load_experiment("smoke")
@@ -70,10 +70,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
 
 def test_gpu_fraction_follows_compute_and_memory():
     from raybench.complexity import activation_bytes_per_image
-    from raybench.configs import DataSpec, Recipe, TrialSpec, ViTConfig
+    import dataclasses
+    from raybench.configs import DataSpec, Recipe, TrialSpec
     from raybench.resources import MIN_FRACTION, gpu_fraction
-    small = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec())
-    deep = TrialSpec(ViTConfig(8, 32, 4, 2, 2.0), Recipe(batch_size=64), DataSpec())
+    small = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec())
+    deep = TrialSpec(dataclasses.replace(TINY_VIT, depth=4), Recipe(batch_size=64), DataSpec())
     assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)
     assert gpu_fraction(small) == MIN_FRACTION  # tiny: eight to a GPU
     assert gpu_fraction(small, gpu_memory_gb=1.05) == 1.0  # the 1 GB CUDA overhead alone nearly fills it
@@ -83,9 +84,9 @@ def test_gpu_fraction_follows_compute_and_memory():
 
 def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room_for_cuda(tiny_swin_dir):
     import dataclasses
-    from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec, ViTConfig
+    from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec
     from raybench.resources import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
-    vit = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
+    vit = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
     more = dataclasses.replace(vit, data=DataSpec(train_size=2000, test_size=200))
     assert trial_memory_bytes(more) - trial_memory_bytes(vit) == 1000 * 3 * 32 * 32  # uint8 images on the GPU
     cached = TrialSpec(SwinConfig(tiny_swin_dir, finetune=True, num_classes=10), Recipe(batch_size=32), vit.data)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_grid
+from conftest import TINY_VIT, run_grid
 
 TINY = ["--only", "vit-p8-e32-l1", "--train-size", "200", "--test-size", "100", "--no-analysis"]
 
@@ -196,12 +196,12 @@ def write_image_folder(root: Path, side: int, per_class: int, classes=("a", "b")
 
 def test_an_image_folder_loads_at_the_model_input_side_and_counts_in_the_memory_estimate(tmp_path):
     import dataclasses
-    from raybench.configs import DataSpec, Recipe, TrialSpec, ViTConfig
+    from raybench.configs import DataSpec, Recipe, TrialSpec
     from raybench.resources import trial_memory_bytes
     from raybench.train import Trial
     small = write_image_folder(tmp_path / "small", 64, 3)
     large = write_image_folder(tmp_path / "large", 64, 8)
-    spec = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0, image_size=64, num_classes=2), Recipe(epochs=1, batch_size=4),
+    spec = TrialSpec(dataclasses.replace(TINY_VIT, image_size=64, num_classes=2), Recipe(epochs=1, batch_size=4),
                      DataSpec("imagefolder", str(small)))
     trial = Trial(spec, device="cpu")
     assert tuple(trial.data.train_x.shape[1:]) == (3, 64, 64)  # not shrunk to 32 px on load
