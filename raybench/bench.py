@@ -262,7 +262,7 @@ def grid_trial_times(run_dir: Path) -> dict:
 def run_sequential(experiment: str, only: str | None, threads: int | None) -> dict:
     """The experiment's trials one after another in this process, without Ray: wall and in-epoch times."""
     from raybench.experiments import load_experiment
-    from raybench.grid import select
+    from raybench.plan import select
     from raybench.train import Trial
     t0 = time.perf_counter()
     exp = select(load_experiment(experiment), only)

@@ -174,27 +174,40 @@ def image_folder(root: str, image_size: int = 32) -> Dataset:
 AUGMENTS = Recipe.AUGMENTS
 
 
+def batch_crop(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
+    """Random crop with zero padding (zero = the mean colour after normalising): image i becomes the window
+    at rows dy[i]:dy[i]+H, columns dx[i]:dx[i]+W of `F.pad(x, (pad,) * 4)`, offsets in [0, 2 * pad]. One
+    padded copy of the batch, windows gathered by index arithmetic (no per-image loop)."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    return xp[torch.arange(B, device=x.device)[:, None, None, None],
+              torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+
+
+def batch_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The images where `mask` (B,) is true, mirrored left to right; the others as they are."""
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
 def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int | None = None,
             augment: tuple[str, ...] = (), generator: torch.Generator | None = None, pad: int = 4):
-    """uint8 (B, 3, H, W) -> normalised float batch, augmented and resized as asked, all as batched ops."""
+    """uint8 (B, 3, H, W) -> normalised float batch, augmented and resized as asked, all as batched ops.
+
+    The random draws, from `generator` in this order: crop rows, crop columns (`randint(0, 2 * pad + 1, (B,))`
+    each), then the flip mask (`rand(B) < 0.5`); a seeded trial's numbers depend on that order."""
     bad = set(augment) - AUGMENTS
     if bad:
         raise ValueError(f"augment={list(augment)}: unknown {sorted(bad)}; accepted: {sorted(AUGMENTS)}")
     x = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     B, _, H, W = x.shape
     if "crop" in augment:
-        # Random crop with zero padding (zero = the mean colour after normalising): one padded copy of the
-        # batch, per-image offsets, gathered by index arithmetic.
-        xp = F.pad(x, (pad, pad, pad, pad))
         dy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=generator)
         dx = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=generator)
-        rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-        x = xp[torch.arange(B, device=x.device)[:, None, None, None],
-               torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+        x = batch_crop(x, dy, dx, pad)
     if "flip" in augment:
-        flip = torch.rand(B, device=x.device, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = batch_flip(x, torch.rand(B, device=x.device, generator=generator) < 0.5)
     if size is not None and size != H:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < H)
     return x

@@ -39,6 +39,8 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "batch_size": s.recipe.batch_size, "lr": s.recipe.lr, "optimizer": s.recipe.optimizer,
             "epochs": s.recipe.epochs,
             "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
+            # every attempt's share, in order: an out-of-memory trial is re-queued with twice its share
+            "gpu_shares": f"{float(resources[s.name]['gpu']):g}",
             "device": "", "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
@@ -128,7 +130,16 @@ class ResultsWriter(tune.Callback):
         print(f"[grid] {name}: ERROR: {err}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"[grid] {trial.config['trial']['name']}: failed, retrying from its last checkpoint", flush=True)
+        name = trial.config["trial"]["name"]
+        share = float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
+        t = pd.read_parquet(self.trials_path)
+        shares = str(t.loc[t.trial == name, "gpu_shares"].iloc[0]) if "gpu_shares" in t else ""
+        if share != float(t.loc[t.trial == name, "gpu_fraction"].iloc[0]):  # re-queued with a larger share
+            self._update_trial(name, gpu_fraction=share, gpu_shares=f"{shares},{share:g}".strip(","))
+            print(f"[grid] {name}: out of GPU memory; retrying from its last checkpoint with GPU share {share:g}",
+                  flush=True)
+        else:
+            print(f"[grid] {name}: failed, retrying from its last checkpoint", flush=True)
 
     # --- the end ---
     def summary(self) -> str:

@@ -89,8 +89,8 @@ class Trial:
             raise ValueError(f"threads={threads}: must be >= 1")
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))  # packed CPU trials must not fight over cores
-        image_size = getattr(spec.model, "image_size", 32)
-        data = dataset or load_dataset(spec.data, spec.model.num_classes, image_size)
+        from raybench.resources import input_side  # an image folder loads at the model's own input side
+        data = dataset or load_dataset(spec.data, spec.model.num_classes, input_side(spec))
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))
         self.spec = spec

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Swin saved with save_pretrained (the offline stand-in for the hub
-checkpoints), and a small synthetic dataset. Everything is generated here; nothing is downloaded."""
+"""Shared fixtures and tiny configs: a tiny random Swin saved with save_pretrained (the offline stand-in for the
+hub checkpoints), one tiny config per model family, and a small synthetic dataset. Everything is generated
+here; nothing is downloaded."""
 from __future__ import annotations
 
 import os
@@ -10,18 +11,37 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from raybench.configs import ResNetConfig, SwinConfig, ViTConfig  # noqa: E402  (after the environment above)
+
+# The smallest ViT the tests train: one block of width 32 on 8x8 patches, 10 classes (the synthetic sets').
+# Variants are `dataclasses.replace(TINY_VIT, ...)`.
+TINY_VIT = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+
+# Test ids of the tiny configs in `tiny_models`: one per built-in family and variant.
+TINY_MODELS = ("vit", "resnet18-cifar", "resnet18-imagenet", "swin-ft", "swin-scratch")
+
 
 @pytest.fixture(scope="session")
 def tiny_swin_dir(tmp_path_factory):
     """A 2-stage Swin for 32x32 images with random weights and a 10-class head, written by save_pretrained."""
     import torch
-    from transformers import SwinConfig, SwinForImageClassification
+    from transformers import SwinConfig as HFSwinConfig, SwinForImageClassification
     torch.manual_seed(0)
-    cfg = SwinConfig(image_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
+    cfg = HFSwinConfig(image_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
                      num_labels=10)
     path = tmp_path_factory.mktemp("tiny-swin")
     SwinForImageClassification(cfg).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_swin_dir) -> dict:
+    """TINY_MODELS id -> config, 10 classes each: our counterpart of the registry timm's tests run every model
+    of. The Swin ones load tiny_swin_dir's save_pretrained folder, as a user's checkpoint would."""
+    return dict(zip(TINY_MODELS, (TINY_VIT, ResNetConfig("cifar", num_classes=10),
+                                  ResNetConfig("imagenet", num_classes=10),
+                                  SwinConfig(tiny_swin_dir, finetune=True, num_classes=10),
+                                  SwinConfig(tiny_swin_dir, finetune=False, num_classes=10)), strict=True))
 
 
 @pytest.fixture(scope="session")
@@ -40,21 +60,104 @@ def run_grid(*args, timeout=600, env=None, **kw):
                           text=True, timeout=timeout, env=full_env, **kw)
 
 
+def dashboard_get(url: str, path: str):
+    """GET a dashboard API path; Ray's token auth (on by default) wants the token ray.init wrote."""
+    import json
+    import urllib.request
+    from pathlib import Path
+    token_file = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+    with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=10) as r:
+        return json.loads(r.read())
+
+
+def listening(root_pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening socket of `root_pid` and its descendants."""
+    import psutil
+    procs = {root_pid: psutil.Process(root_pid)}
+    procs.update({p.pid: p for p in procs[root_pid].children(recursive=True)})
+    return [(procs[c.pid].name(), c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in procs]
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """The README's main job: the smoke experiment, here with --gpus 2 on a machine without CUDA
-    (a scheduling dry run: Ray packs trials by their GPU fractions while they train on CPU)."""
+def smoke_watched(tmp_path_factory):
+    """The README's main job: the smoke experiment, here with --gpus 2 on a machine without CUDA (a scheduling
+    dry run: Ray packs trials by their GPU fractions while they train on CPU). While it runs, its Ray dashboard
+    is asked what it shows and the grid's processes which sockets they listen on, so that the dashboard checks
+    need no grid of their own (one Ray start fewer)."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import psutil
+    from raybench.experiments import load_experiment
+    trials = {t.name for t in load_experiment("smoke").trials}
     results = tmp_path_factory.mktemp("results")
-    r = run_grid("--gpus", 2, "--results-dir", results, "--name", "smoke")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return results / "smoke", r.stdout
+    stderr = tmp_path_factory.mktemp("smoke-stderr") / "grid.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--gpus", "2", "--results-dir",
+                                 str(results), "--name", "smoke"], stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines: list[str] = []
+
+        def drain():  # a full pipe would block the grid while the loop below waits on the dashboard
+            for line in proc.stdout:
+                lines.append(line)
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        alive_actors, jobs, sockets = set(), [], set()
+        dashboard = re.compile(r"Ray dashboard: (http://\S+)")
+        driver_running = lambda: any(j.get("type") == "DRIVER" and j.get("status") == "RUNNING" for j in jobs)
+        try:
+            deadline = time.time() + 600
+            # until every trial was seen alive and the driver running: the trials are short, so look often
+            while (proc.poll() is None and time.time() < deadline
+                   and not (trials <= alive_actors and driver_running())):
+                m = dashboard.search("".join(lines))
+                if m:
+                    url = m.group(1)
+                    try:
+                        actors = dashboard_get(url, "/api/v0/actors?detail=1&limit=100")["data"]["result"]["result"]
+                        alive_actors |= {a.get("repr_name") for a in actors if a.get("state") == "ALIVE"}
+                        jobs += dashboard_get(url, "/api/jobs/")
+                        sockets |= set(listening(proc.pid))
+                    except (OSError, ValueError, KeyError, psutil.Error):
+                        # the dashboard is starting up or has stopped (the analysis runs after Ray), or a worker
+                        # process ended between being listed and being asked for its name
+                        pass
+                time.sleep(0.5)
+            proc.wait(timeout=max(1, deadline - time.time()))
+        finally:
+            proc.kill()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:] + stderr.read_text()[-3000:]
+    m = dashboard.search(out)
+    return SimpleNamespace(run_dir=results / "smoke", stdout=out, dashboard_url=m and m.group(1),
+                           alive_actors=alive_actors, jobs=jobs, sockets=sockets)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_watched):
+    """(run folder, the grid's stdout) of the session's smoke run."""
+    return smoke_watched.run_dir, smoke_watched.stdout
 
 
 # Tests here run Ray, torch.compile and Trials inside the pytest process. Their native threads crashed the
-# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24, culprit not found)
-# after every test had passed and the summary was printed. The suite's verdict is pytest's exit status, so the process ends with
-# it as soon as pytest is done, before that teardown. Every CLI the tests check runs in its own process and
-# exits normally; this only skips the pytest process's own finalisation.
+# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24) after every test had
+# passed and the summary was printed. The suite's verdict is pytest's exit status, so the process ends with it as
+# soon as pytest is done, before that teardown. Every CLI the tests check runs in its own process and exits
+# normally; this only skips the pytest process's own finalisation.
+# Still not found (2026-12-01): tests/teardown_repro.py puts the suspects in one process (inductor's compile
+# workers, an in-process two-raylet cluster driven through Tune, a second Ray session, torch's threads) and exits
+# 0 every time so far, as do its pieces alone and the in-process tests with this hook removed; see its docstring.
+# A candidate cause, not confirmed here: Ray's known hazard of several Ray sessions in one process whose threads outlive
+# ray.shutdown (ray-project/ray#31145: "Segfaults when restarting Ray multiple times in unit tests with background
+# threads running"): this suite starts two (test_grid's two-node cluster, then its final-checkpoint test).
 _exit_status = None
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
 
-from raybench.analysis import (analyse, find_run_dir, findings, load_run, make_plots, summary_tables,
-                               write_report)
+from raybench.analysis import (analyse, caveats, family_colors, find_run_dir, findings, load_run, make_plots,
+                               summary_tables, write_report)
 from raybench.configs import ResNetConfig, SwinConfig, ViTConfig, parse_model_name
+from raybench.records import FAILED, STOPPED_EARLY
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "analysis.ipynb"
@@ -86,6 +89,19 @@ def write_run(folder: Path, trials: list[tuple[dict, list[dict]]], epochs_file: 
     if epochs_file:
         pd.DataFrame([r for _, rows in trials for r in rows]).to_parquet(folder / "epochs.parquet", index=False)
     return folder
+
+
+def other_family(model: str, family: str, final: float, *, params: int, flops: float, image_size: int = 32,
+                 pretrained: bool = False, finetune: bool = False) -> tuple[dict, list[dict]]:
+    """A trial of a family raybench has no name parser for (torchvision, hf, py): what it is comes from its
+    columns alone, and its FLOPs are counted, not closed-form."""
+    row, rows = trial(VITS[0], final=final)  # epoch rows shaped like any trial's
+    name = f"{model}-{row['recipe']}"
+    row.update(trial=name, model=model, family=family, patch=None, dim=None, depth=None, heads=None,
+               mlp_ratio=None, stem=None, pretrained=pretrained, finetune=finetune, params=params,
+               trainable_params=params, flops=flops, gflops=flops / 1e9, image_size=image_size,
+               flops_source="counted")
+    return row, [{**r, "trial": name} for r in rows]
 
 
 VITS = [f"vit-p{p}-e{d}-l{l}-h2-m2" for p in (4, 8) for d in (128, 256) for l in (4, 8)]
@@ -200,9 +216,9 @@ def test_a_swin_trials_time_includes_its_one_off_feature_pass(tmp_path):
     assert f"{ratio:.2f}x the whole trial's time" in text and "0.10x the training time per epoch" in text
 
 
-def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(run_dir, tmp_path):
+def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(report, tmp_path):
     out = tmp_path / "analysis"
-    analyse(run_dir, out)
+    shutil.copytree(report.parent, out)  # what analysing the whole study wrote
     assert (out / "swin.md").exists() and (out / "curves_swin.png").exists() and (out / "knob_effects.svg").exists()
     (out / "notes.txt").write_text("mine")  # not the analysis's: stays
     only_vits = tmp_path / "vits"
@@ -216,7 +232,7 @@ def test_reanalysing_into_a_folder_drops_what_the_new_data_no_longer_supports(ru
 def test_written_tables_and_markdown(report, run_dir):
     out = report.parent
     tables = summary_tables(load_run(run_dir))
-    for name in ("vit_resnet", "swin", "seeds", "knob_effects", "recipes", "per_trial"):
+    for name in ("vit_resnet", "swin", "seeds", "knob_effects", "recipes", "complexity", "per_trial"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), tables[name], check_dtype=False)
         md = (out / f"{name}.md").read_text()
         assert "synthetic data" in md.splitlines()[0]
@@ -383,6 +399,112 @@ def test_recipe_statement(run_dir):
     assert f.values["mean_delta_points"] == pytest.approx(sum(deltas) / 3)
 
 
+# ------------------------------------------------------------------------------------------- new statuses, families, columns
+def test_a_trial_stopped_early_is_shown_but_makes_no_claim(tmp_path):
+    vits = [trial(m, final=vit_acc(m)) for m in VITS]
+    # The scheduler stopped this one at epoch 4, ahead of every finished ViT: no claim may rest on it.
+    stopped = trial("vit-p4-e256-l8-h4-m2", final=0.55, done=4, status=STOPPED_EARLY)
+    run = load_run(write_run(tmp_path / "run", [*vits, stopped]))
+    tables = summary_tables(run)
+    row = tables["per_trial"].set_index("trial").loc["vit-p4-e256-l8-h4-m2-seed"]
+    assert row["status"] == STOPPED_EARLY and row["epochs_done"] == 4 and row["final_test_acc"] == pytest.approx(0.55)
+    shown = tables["vit_resnet"].set_index("model").loc["vit-p4-e256-l8-h4-m2"]
+    assert shown["status"] == STOPPED_EARLY and shown["epochs_done"] == 4
+    assert list(tables["vit_resnet"]["model"])[::8] == ["vit-p4-e256-l8-h2-m2", "vit-p4-e256-l8-h4-m2"]  # below the finished
+    assert STOPPED_EARLY not in FAILED and not any("vit-p4-e256-l8-h4-m2" in m for m in run.missing)
+    best = finding(run, "best_vit_seed")
+    assert best.values["best_vit"] == "vit-p4-e256-l8-h2-m2" and best.values["best_vit_acc"] == pytest.approx(0.40)
+    assert finding(run, "knob_heads") is None  # heads 4 ran only in the stopped trial
+    pd.testing.assert_frame_equal(run.knob_effects, load_run(write_run(tmp_path / "vits", vits)).knob_effects)
+    assert all("vit-p4-e256-l8-h4-m2" not in f.text for f in findings(run))
+    said = " ".join(caveats(run))
+    assert "8 ok, 1 stopped-early" in said and "not by a failure" in said
+    # Plotted beside two finished ViTs that share no knob (no knob-effects figure: the plots stay quick).
+    few = load_run(write_run(tmp_path / "few", [vits[0], vits[3], stopped]))
+    plots = {p.name: p for p in make_plots(few, tmp_path / "out")}
+    curves = plots["curves_vit.svg"].read_text()
+    assert "vit-p4-e256-l8-h4-m2-seed (stopped early)" in curves and "dash-dot: stopped early" in curves
+    assert "vit-p4-e256-l8-h4-m2" not in plots["acc_vs_params.svg"].read_text()  # scatter: finished trials only
+
+
+def test_a_model_family_of_its_own_beside_the_vits(tmp_path):
+    vits = [trial(m, final=vit_acc(m)) for m in VITS]  # best ViT: vit-p4-e256-l8-h2-m2 at 40%
+    tv = other_family("tv-convnext_tiny-pt", "torchvision", 0.62, params=28_600_000, flops=8.9e9, image_size=224,
+                      pretrained=True)
+    py = other_family("py-mynet", "py", 0.20, params=120_000, flops=3.1e7)
+    run = load_run(write_run(tmp_path / "run", [*vits, tv, py]))
+    tables = summary_tables(run)
+    other = tables["other_families"].set_index("model")
+    assert other.loc["tv-convnext_tiny-pt", "family"] == "torchvision" and other.loc["py-mynet", "family"] == "py"
+    assert other.loc["tv-convnext_tiny-pt", "final_test_acc"] == pytest.approx(0.62)
+    assert set(tables["vit_resnet"]["model"]) == set(VITS)  # neither is listed as a ViT or a ResNet
+    best_tv = finding(run, "best_torchvision_seed")
+    assert best_tv.text.startswith("Best torchvision model (seed recipe): tv-convnext_tiny-pt (from pretrained "
+                                   "weights, 224 px) with 62.0% final test accuracy after 12 epochs")
+    assert best_tv.values["best_vit"] == "vit-p4-e256-l8-h2-m2" and best_tv.values["gap_points"] == pytest.approx(22.0)
+    assert "(input 224 px vs 32 px: not like for like)" in best_tv.text
+    assert finding(run, "best_py_seed").values["best"] == "py-mynet"
+    # More accurate than every ViT, still not "the best ViT"; the ViT-only claims and tables leave both out.
+    assert finding(run, "best_vit_seed").values["best_vit"] == "vit-p4-e256-l8-h2-m2"
+    for f in findings(run):
+        if f.topic.startswith(("best_vit", "knob_", "flops", "resnet", "swin")):
+            assert "tv-convnext" not in f.text and "py-mynet" not in f.text, f.text
+    pd.testing.assert_frame_equal(run.knob_effects, load_run(write_run(tmp_path / "vits", vits)).knob_effects)
+    colors = family_colors(run.families)
+    assert run.families == ["vit", "py", "torchvision"]
+    assert len({colors[f] for f in run.families}) == 3
+    text = write_report(run, tmp_path / "out", plots=[]).read_text()
+    assert best_tv.text in text and "torchvision (seed): 12 epochs at 224 px" in text
+    # Plotted beside two ViTs that share no knob (no knob-effects figure: the plots stay quick).
+    few = load_run(write_run(tmp_path / "few", [vits[0], vits[3], tv, py]))
+    plots = {p.name: p for p in make_plots(few, tmp_path / "plots")}
+    scatter = plots["acc_vs_params.svg"].read_text()
+    assert "torchvision, seed recipe" in scatter and to_hex(family_colors(few.families)["torchvision"]) in scatter
+    assert {"curves_vit.png", "curves_torchvision.png", "curves_py.png"} <= set(plots)
+
+
+def test_flops_source_precision_and_cuda_version_are_shown(tmp_path):
+    vit, res = trial(VITS[0], final=0.3), trial("resnet18-cifar", final=0.38)
+    tv = other_family("tv-mobilenet_v3_small", "torchvision", 0.25, params=1_620_000, flops=1.2e7)
+    for (row, rows), precision in ((vit, "bf16"), (res, "bf16"), (tv, "fp32")):
+        row.update(precision="auto", cuda_version="12.8")  # the setting asked for; epoch rows: the one used
+        for r in rows:
+            r["precision"] = precision
+    run = load_run(write_run(tmp_path / "run", [vit, res, tv]))
+    complexity = summary_tables(run)["complexity"].set_index("model")
+    # the built-in rows carry no flops_source (as before the column existed): closed form, filled on load
+    assert complexity["flops_source"].to_dict() == {
+        VITS[0]: "closed form", "resnet18-cifar": "closed form", "tv-mobilenet_v3_small": "counted"}
+    assert summary_tables(run)["per_trial"].set_index("model")["precision"].to_dict() == {
+        VITS[0]: "bf16", "resnet18-cifar": "bf16", "tv-mobilenet_v3_small": "fp32"}
+    text = write_report(run, tmp_path / "out", plots=[]).read_text()
+    assert "| tv-mobilenet_v3_small | torchvision | 32 | 1.62 | 1.62 | 0.012 | counted |" in (
+        tmp_path / "out" / "complexity.md").read_text()
+    assert "Precision: bf16 autocast for 2 trial(s), fp32 for 1 trial(s)" in text
+    assert "CUDA 12.8" in text
+
+    # A run written before these columns, and before stem/pretrained/finetune: derived once on load.
+    folder = write_run(tmp_path / "old", [trial("resnet18-cifar", final=0.38), trial("resnet18-imagenet-pt", final=0.60)])
+    pd.read_parquet(folder / "trials.parquet").drop(columns=["stem", "pretrained", "finetune"]).to_parquet(
+        folder / "trials.parquet")
+    old = load_run(folder)
+    assert set(summary_tables(old)["complexity"]["flops_source"]) == {"closed form"}
+    assert finding(old, "resnet_pretrained_seed").values["delta_points"] == pytest.approx(22.0)
+    assert "Precision: not recorded in this run." in caveats(old)
+    assert not any("CUDA" in c for c in caveats(old))  # no cuda_version column: nothing claimed
+
+
+def test_a_run_with_nothing_finished_yet_claims_nothing(tmp_path):
+    waiting = [trial(VITS[0], done=0, status="pending"),
+               other_family("py-mynet", "py", 0.2, params=120_000, flops=3.1e7)]
+    waiting[1] = ({**waiting[1][0], "status": "pending"}, [])
+    run = load_run(write_run(tmp_path / "run", waiting))
+    assert run.configs.empty and findings(run) == [] and run.knob_effects.empty and run.recipe_pairs.empty
+    text = write_report(run, tmp_path / "out").read_text()
+    assert "No completed trial yet: nothing to discuss." in text and "(none: no epoch rows" in text
+    assert set(summary_tables(run)["complexity"]["model"]) == {VITS[0], "py-mynet"}  # known before training
+
+
 # ------------------------------------------------------------------------------------------- partial and bad runs
 def test_partial_run_says_what_is_missing(tmp_path):
     running = trial("vit-p8-e128-l4-h2-m2", final=0.2, done=5, status="running")
@@ -456,7 +578,9 @@ def test_find_run_dir(tmp_path, monkeypatch):
     assert find_run_dir("explicit", start=tmp_path) == Path("explicit")
 
 
-def test_cli(run_dir, tmp_path):
+def test_cli(tmp_path):
+    # The command's wiring, on a small run: the study's numbers are the in-process tests' to check.
+    run_dir = small_run(tmp_path / "run", {VITS[0]: 0.30, VITS[3]: 0.35}, resnet=0.38)
     cmd = [sys.executable, "-m", "raybench.analysis"]
     ok = subprocess.run([*cmd, str(run_dir), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

@@ -1,22 +1,25 @@
 """The benchmark runs and writes well-formed results. No timing assertions: speed varies by machine and load;
 docs/benchmarks.md records what was measured where."""
 import json
+import os
+import platform
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from conftest import TINY_VIT
 from raybench import bench
 from raybench.results import write_atomic
-
-TINY_VIT = "vit-p8-e32-l1-h2-m2"
 
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # swin-micro-ft: the frozen-backbone path, whose feature cache adds the raybench-head rows.
-    rc = bench.main(["--models", f"{TINY_VIT},swin-micro-ft", "--images", "128", "--repeats", "2", "--device",
+    rc = bench.main(["--models", f"{TINY_VIT.name},swin-micro-ft", "--images", "128", "--repeats", "2", "--device",
                      "cpu", "--threads", "2", "--warmup-batches", "1", "--out", str(out)])
     assert rc == 0
     return out
@@ -25,7 +28,13 @@ def tiny_bench(tmp_path_factory):
 def test_bench_writes_json_parquet_and_markdown(tiny_bench):
     result = json.loads((tiny_bench / "bench.json").read_text())
     assert {"command", "machine", "args", "rows", "summary", "grid_overhead"} <= set(result)
-    assert result["machine"]["torch_version"] and result["machine"]["cpu_model"] is not None
+    machine = result["machine"]
+    assert machine["torch_version"] == torch.__version__ and machine["cpu_count"] == os.cpu_count()
+    # the CPU as the OS names it: bench results are compared across machines by this field
+    cpuinfo = Path("/proc/cpuinfo")
+    models = {line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")}
+    assert machine["cpu_model"] in (models or {platform.processor()})
     rows = pd.read_parquet(tiny_bench / "bench.parquet")
     for col in ("bench", "device", "model", "loop", "repeat", "batch_size", "images", "epoch_time_s", "images_per_s",
                 "cache_time_s", "compile_time_s", "feature_cache", "workers", "precision", "error", "torch_version"):
@@ -37,7 +46,8 @@ def test_bench_writes_json_parquet_and_markdown(tiny_bench):
     assert (rows[(rows.model == "swin-micro-ft") & (rows.loop == "raybench")].cache_time_s > 0).all()
     assert rows.groupby(["model", "loop"]).size().eq(2).all()
     md = (tiny_bench / "bench.md").read_text()
-    assert "| cpu | " + TINY_VIT in md and "reference" in md and "raybench" in md
+    assert "| cpu | " + TINY_VIT.name in md and "reference" in md and "raybench" in md
+    assert f"- machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs" in md
 
 
 def test_ratio_is_raybench_median_over_reference_median_from_the_same_rows(tiny_bench):

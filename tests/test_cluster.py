@@ -245,11 +245,20 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
     private = Path(fake_cluster.token_path).parent
     assert Path(fake_cluster.config_path).parent == private and not private.is_relative_to(fake_cluster.temp_dir)
     assert private.stat().st_mode & 0o777 == 0o700 and Path(fake_cluster.token_path).stat().st_mode & 0o777 == 0o600
+    # A trial that no node type of the autoscaler can hold is refused before any trial starts.
+    refused = subprocess.run([sys.executable, "-m", "raybench.grid", "--address", fake_cluster.address, "--gpus",
+                              "2", "--cpus-per-trial", "64", "--only", "vit-p8-e32-l1", "--results-dir",
+                              str(tmp_path), "--name", "too-big"], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+    assert refused.returncode == 2 and "no node type the autoscaler may add can hold it" in refused.stderr, (
+        refused.stdout[-2000:] + refused.stderr[-2000:])
+    assert not (tmp_path / "too-big").exists()
     run = subprocess.run([sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--address",
                           fake_cluster.address, "--gpus", "2", "--cpus-per-trial", "0.5", "--results-dir",
                           str(tmp_path), "--name", "fake", "--no-analysis"],
                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert run.returncode == 0, f"grid failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert "waits for the autoscaler to add a node" in run.stdout  # node types that can hold them: they wait
     epochs = pd.read_parquet(tmp_path / "fake" / "epochs.parquet")
     trials = pd.read_parquet(tmp_path / "fake" / "trials.parquet")
     nodes = _nodes(fake_cluster, env, tmp_path)

@@ -2,10 +2,11 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from raybench.configs import DataSpec
-from raybench.data import DatasetUnavailable, load_dataset, prepare, synthetic
+from raybench.data import DatasetUnavailable, batch_crop, batch_flip, load_dataset, prepare, synthetic
 
 
 def test_synthetic_has_cifar_shape_and_is_deterministic():
@@ -40,16 +41,49 @@ def test_image_folder_without_test_split_is_rejected(tmp_path):
         load_dataset(DataSpec("imagefolder", data_dir=str(tmp_path)))
 
 
-def test_augmentation_is_batched_and_keeps_shape():
-    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+def normalised(x, mean, std):
+    return (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def test_flip_mirrors_exactly_the_masked_images():
+    x = torch.randn(4, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch_flip(x, torch.ones(4, dtype=torch.bool)), x.flip(-1))
+    assert torch.equal(batch_flip(x, torch.zeros(4, dtype=torch.bool)), x)
+    mixed = batch_flip(x, torch.tensor([True, False, False, True]))
+    assert torch.equal(mixed[[0, 3]], x[[0, 3]].flip(-1)) and torch.equal(mixed[[1, 2]], x[[1, 2]])
+
+
+def test_crop_is_the_window_of_the_zero_padded_image_at_its_offsets():
+    x, pad = torch.randn(5, 3, 8, 6, generator=torch.Generator().manual_seed(0)), 2
+    # every corner of the offset range, and the centre (no shift)
+    dy, dx = torch.tensor([0, 0, 4, 4, 2]), torch.tensor([0, 4, 0, 4, 2])
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = batch_crop(x, dy, dx, pad)
+    assert out.shape == x.shape
+    for i, (r, c) in enumerate(zip(dy.tolist(), dx.tolist())):
+        assert torch.equal(out[i], padded[i, :, r:r + 8, c:c + 6]), (i, r, c)
+    assert torch.equal(out[4], x[4])
+    assert (out[0, :, :pad, :] == 0).all() and torch.equal(out[0, :, pad:, pad:], x[0, :, :-pad, :-pad])
+
+
+def test_augmentation_crops_then_flips_with_the_generators_draws_in_order():
+    """A seeded trial's numbers depend on the draw order: crop rows, crop columns, then the flip mask."""
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    g = torch.Generator().manual_seed(0)
     plain = prepare(x, mean, std)
+    assert torch.equal(plain, normalised(x, mean, std))
+    g = torch.Generator().manual_seed(0)
     aug = prepare(x, mean, std, augment=("crop", "flip"), generator=g)
+    draws = torch.Generator().manual_seed(0)
+    dy, dx = (torch.randint(0, 2 * 4 + 1, (8,), generator=draws) for _ in range(2))  # prepare's default pad=4
+    mask = torch.rand(8, generator=draws) < 0.5
+    assert torch.equal(aug, batch_flip(batch_crop(plain, dy, dx, 4), mask))
+    assert torch.equal(g.get_state(), draws.get_state())  # nothing else drawn
+    assert 0 < int(mask.sum()) < 8 and (dy != 4).any()  # this seed both flips and shifts: the check has teeth
     assert aug.shape == plain.shape and not torch.equal(aug, plain)
-    # A crop is a shifted window of the padded image: every augmented row comes from the original batch
-    # or from the zero padding.
-    assert torch.isclose(aug.abs().sum(), plain.abs().sum(), rtol=0.3)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(prepare(x, mean, std, augment=("flip",), generator=g),
+                       batch_flip(plain, torch.rand(8, generator=torch.Generator().manual_seed(0)) < 0.5))
     assert prepare(x, mean, std, size=64).shape == (8, 3, 64, 64)
     with pytest.raises(ValueError, match="unknown \\['mixup'\\]"):
         prepare(x, mean, std, augment=("mixup",))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_grid
+from conftest import TINY_VIT, run_grid
 from raybench.experiments import load_experiment
 
 SMOKE = load_experiment("smoke")
@@ -70,10 +70,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
 
 def test_gpu_fraction_follows_compute_and_memory():
     from raybench.complexity import activation_bytes_per_image
-    from raybench.configs import DataSpec, Recipe, TrialSpec, ViTConfig
-    from raybench.grid import MIN_FRACTION, gpu_fraction
-    small = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec())
-    deep = TrialSpec(ViTConfig(8, 32, 4, 2, 2.0), Recipe(batch_size=64), DataSpec())
+    import dataclasses
+    from raybench.configs import DataSpec, Recipe, TrialSpec
+    from raybench.resources import MIN_FRACTION, gpu_fraction
+    small = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec())
+    deep = TrialSpec(dataclasses.replace(TINY_VIT, depth=4), Recipe(batch_size=64), DataSpec())
     assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)
     assert gpu_fraction(small) == MIN_FRACTION  # tiny: eight to a GPU
     assert gpu_fraction(small, gpu_memory_gb=1.05) == 1.0  # the 1 GB CUDA overhead alone nearly fills it
@@ -83,9 +84,9 @@ def test_gpu_fraction_follows_compute_and_memory():
 
 def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room_for_cuda(tiny_swin_dir):
     import dataclasses
-    from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec, ViTConfig
-    from raybench.grid import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
-    vit = TrialSpec(ViTConfig(8, 32, 1, 2, 2.0), Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
+    from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec
+    from raybench.resources import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
+    vit = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
     more = dataclasses.replace(vit, data=DataSpec(train_size=2000, test_size=200))
     assert trial_memory_bytes(more) - trial_memory_bytes(vit) == 1000 * 3 * 32 * 32  # uint8 images on the GPU
     cached = TrialSpec(SwinConfig(tiny_swin_dir, finetune=True, num_classes=10), Recipe(batch_size=32), vit.data)
@@ -100,7 +101,7 @@ def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room
 
 
 def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
-    from raybench.grid import max_concurrent
+    from raybench.resources import max_concurrent
     res = {"a": {"gpu": 1.0}, "b": {"gpu": 0.5}, "c": {"gpu": 0.25}, "d": {"gpu": 0.125}}
     assert max_concurrent(res, None) == 0  # no cap
     assert max_concurrent(res, 1) == 1  # the largest trial alone fills one GPU
@@ -114,10 +115,9 @@ def test_a_trial_restored_from_its_final_checkpoint_reports_it_ended(tmp_path):
     """Tune can restore a trial from the checkpoint of its last epoch (a driver stopped between the two
     snapshots); the trainable then has no epoch left and must say the trial ended, not raise."""
     import ray
-    from raybench.grid import _tune_trainable
+    from raybench.trainable import StudyTrial
     spec = load_experiment("smoke", epochs=1, train_size=64, test_size=32).trials[0]
     config = {"trial": {"name": spec.name, "spec": spec.to_dict(), "resources": {"cpu": 1, "gpu": 0}}}
-    StudyTrial = _tune_trainable()
     ray.init(num_cpus=1, include_dashboard=False)  # the trainable asks Ray for its GPU ids and node
     try:
         first = StudyTrial(config=config)

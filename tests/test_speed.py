@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
+from conftest import TINY_VIT
+from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.train import CACHE_OFF_AUGMENT, CACHE_OFF_DISABLED, CACHE_OFF_NOT_FROZEN, CACHE_ON, Trial
 
 
@@ -19,9 +20,14 @@ def run(spec, data, **kw):
     return list(Trial(spec, device="cpu", threads=1, dataset=data, **kw).epochs())
 
 
-def test_cached_features_train_the_head_like_the_uncached_loop(tiny_swin_dir, small_synthetic):
-    spec = swin_ft_spec(tiny_swin_dir)
-    cached, plain = run(spec, small_synthetic), run(spec, small_synthetic, feature_cache=False)
+@pytest.fixture(scope="module")
+def cached_swin_run(tiny_swin_dir, small_synthetic):
+    """The two epochs of the cached Swin fine-tune, run once for the tests that compare against them."""
+    return run(swin_ft_spec(tiny_swin_dir), small_synthetic)
+
+
+def test_cached_features_train_the_head_like_the_uncached_loop(cached_swin_run, tiny_swin_dir, small_synthetic):
+    cached, plain = cached_swin_run, run(swin_ft_spec(tiny_swin_dir), small_synthetic, feature_cache=False)
     assert [r["feature_cache"] for r in cached] == [CACHE_ON] * 2
     assert [r["feature_cache"] for r in plain] == [CACHE_OFF_DISABLED] * 2
     for c, p in zip(cached, plain):
@@ -43,16 +49,14 @@ def test_augmentation_turns_the_cache_off_and_says_so(tiny_swin_dir, small_synth
 
 def test_models_that_train_their_backbone_are_not_cached(tiny_swin_dir):
     scratch = SwinConfig(tiny_swin_dir, finetune=False, num_classes=10)
-    vit = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
-    for model in (scratch, vit):
+    for model in (scratch, TINY_VIT):
         trial = Trial(TrialSpec(model, default_recipe("seed", model), DataSpec("synthetic", train_size=64,
                                                                               test_size=32)), device="cpu")
         assert trial.feature_cache == CACHE_OFF_NOT_FROZEN
 
 
-def test_a_resumed_cached_trial_recomputes_its_features(tiny_swin_dir, small_synthetic, tmp_path):
-    spec = swin_ft_spec(tiny_swin_dir, epochs=2)
-    full = run(spec, small_synthetic)
+def test_a_resumed_cached_trial_recomputes_its_features(cached_swin_run, tiny_swin_dir, small_synthetic, tmp_path):
+    spec, full = swin_ft_spec(tiny_swin_dir, epochs=2), cached_swin_run
     first = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
     next(first.epochs())
     first.save(tmp_path / "state.pt")
@@ -69,7 +73,7 @@ def test_the_compile_warm_up_leaves_training_unchanged(small_synthetic):
     data = dataclasses.replace(small_synthetic, train_x=small_synthetic.train_x[:200],
                                train_y=small_synthetic.train_y[:200], test_x=small_synthetic.test_x[:100],
                                test_y=small_synthetic.test_y[:100])
-    for model in (ResNetConfig("imagenet", num_classes=10), ViTConfig(8, 32, 1, 2, 2.0, dropout=0.2, num_classes=10)):
+    for model in (ResNetConfig("imagenet", num_classes=10), dataclasses.replace(TINY_VIT, dropout=0.2)):
         spec = TrialSpec(model, dataclasses.replace(default_recipe("seed", model), epochs=1),
                          DataSpec("synthetic", train_size=200, test_size=100))
         warmed = Trial(spec, device="cpu", threads=1, dataset=data)
@@ -92,7 +96,7 @@ def test_compiled_trial_matches_eager_and_reports_compile_time_apart(small_synth
     why = _inductor_works()
     if why:
         pytest.skip(why)
-    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    model = TINY_VIT
     # 512 training images in batches of 64 and 256 test images: one batch shape each, so one compile each.
     data = dataclasses.replace(small_synthetic, train_x=small_synthetic.train_x[:512],
                                train_y=small_synthetic.train_y[:512], test_x=small_synthetic.test_x[:256],

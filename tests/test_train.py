@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY_VIT
 from raybench.configs import DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
 from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial
 
@@ -47,7 +48,7 @@ def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, t
 
 
 def test_same_seed_same_numbers_on_cpu(small_synthetic):
-    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=2, augment=("crop", "flip"))
+    spec = spec_for(TINY_VIT, epochs=2, augment=("crop", "flip"))
     keys = ("train_loss", "train_acc", "test_loss", "test_acc")
     a = [[r[k] for k in keys] for r in run(spec, small_synthetic)[1]]
     b = [[r[k] for k in keys] for r in run(spec, small_synthetic)[1]]
@@ -55,7 +56,7 @@ def test_same_seed_same_numbers_on_cpu(small_synthetic):
 
 
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(small_synthetic, tmp_path):
-    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, augment=("flip",),
+    spec = spec_for(TINY_VIT, epochs=3, augment=("flip",),
                     schedule="cosine", warmup_epochs=1.0, optimizer="adamw")
     _, full = run(spec, small_synthetic)
     first = Trial(spec, device="cpu", threads=1, dataset=small_synthetic)
@@ -71,14 +72,14 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(small_syntheti
 
 
 def test_a_diverging_run_stops_with_status_diverged(small_synthetic):
-    _, recs = run(spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, lr=1e12), small_synthetic)
+    _, recs = run(spec_for(TINY_VIT, epochs=3, lr=1e12), small_synthetic)
     assert recs[-1]["status"] == STATUS_DIVERGED and "non-finite" in recs[-1]["error"]
     assert len(recs) < 3
 
 
 def test_a_trial_restored_after_it_ended_trains_no_more(small_synthetic, tmp_path):
-    for spec, status in ((spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=1), STATUS_OK),
-                         (spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, lr=1e12), STATUS_DIVERGED)):
+    for spec, status in ((spec_for(TINY_VIT, epochs=1), STATUS_OK),
+                         (spec_for(TINY_VIT, epochs=3, lr=1e12), STATUS_DIVERGED)):
         ended, recs = run(spec, small_synthetic)
         assert recs[-1]["status"] == status
         ended.save(tmp_path / "state.pt")

@@ -1,0 +1,158 @@
+"""One TrialSpec as a Ray Tune class trainable: one `step` per epoch, Tune's checkpoints hold the Trial's state.
+
+Imported by Ray workers (and by the grid when it builds the Tuner), never by `import raybench.grid` alone.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from raybench.configs import TrialSpec
+from raybench.records import OK, OOM, RUNNING
+from raybench.resources import allocator_fraction, next_share
+from raybench.train import Trial
+
+# Fault injection for tests, inert unless set: "TRIAL:EPOCH:BELOW[;...]" makes trial TRIAL raise
+# torch.cuda.OutOfMemoryError in epoch EPOCH while its GPU share is below BELOW (docs/results.md).
+FAULT_OOM_ENV = "RAYBENCH_FAULT_OOM"
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory below a whole GPU: Tune retries it from its last checkpoint, and
+    OomRequeue gives the retry twice the share (raybench.resources.next_share)."""
+
+
+class StudyTrial(tune.Trainable):
+    """`config["trial"]` is one entry of the grid's param space: name, spec (TrialSpec.to_dict), resources
+    ({"cpu", "gpu"}) and memory_bytes (the estimate its GPU share came from). `__repr__` is the trial name,
+    which Ray shows for the actor in its dashboard and log prefixes (a function trainable shows as
+    `ImplicitFunc`)."""
+
+    def setup(self, config: dict):
+        self.trial = self._build(config["trial"])
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.records = None  # the epoch iterator starts at the first step, after any checkpoint load
+
+    def _share(self, entry: dict) -> float:
+        """The GPU share this attempt holds: an OOM re-queue changes it, and the config keeps the first one."""
+        held = self.trial_resources.required_resources if self.trial_resources else entry["resources"]
+        return float(held.get("GPU", held.get("gpu", 0.0)))
+
+    def _build(self, entry: dict) -> Trial:
+        spec = TrialSpec.from_dict(entry["spec"])
+        self.share = self._share(entry)
+        use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if use_cuda and self.share < 1:  # before the trial allocates anything
+            torch.cuda.set_per_process_memory_fraction(allocator_fraction(
+                spec.name, entry["memory_bytes"], self.share, torch.cuda.get_device_properties(0).total_memory))
+        trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])))
+        _inject_oom(trial, self.share)
+        return trial
+
+    def step(self) -> dict:
+        if self.records is None:
+            self.records = self.trial.epochs()
+        rec = next(self.records, None)
+        if rec is None:  # restored from the checkpoint of its last epoch: it has ended, say how
+            rec = {"epoch": self.trial.epoch,
+                   "status": OK if self.trial.status == RUNNING else self.trial.status}
+        if rec["status"] == OOM and self.share < 1:
+            raise TrialOutOfMemory(f"{self.trial.spec.name}: out of GPU memory in epoch {rec['epoch']} with GPU share "
+                                   f"{self.share:g} ({rec.get('error', '')}); re-queued with {next_share(self.share):g}")
+        rec.update(node_id=self.node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())), gpu_share=self.share,
+                   done=rec["status"] != RUNNING)
+        return rec
+
+    def save_checkpoint(self, checkpoint_dir: str):
+        self.trial.save(Path(checkpoint_dir) / "state.pt")
+
+    def load_checkpoint(self, checkpoint_dir: str):
+        self.trial.load(Path(checkpoint_dir) / "state.pt")
+
+    def __repr__(self):
+        return self.trial_name or "raybench-trial"
+
+
+def _inject_oom(trial: Trial, share: float) -> None:
+    """RAYBENCH_FAULT_OOM=TRIAL:EPOCH:BELOW: the named trial's training raises the CUDA OOM in that epoch while
+    its share is below BELOW, inside the trainer's own OOM handling (as a real one would)."""
+    faults = [f.rsplit(":", 2) for f in os.environ.get(FAULT_OOM_ENV, "").split(";") if f]
+    mine = [(int(e), float(b)) for n, e, b in faults if n == trial.spec.name and share < float(b)]
+    if not mine:
+        return
+    epoch, fault = mine[0][0], os.environ[FAULT_OOM_ENV]
+    train_epoch = trial.train_epoch
+
+    def failing_train_epoch():
+        if trial.epoch + 1 == epoch:
+            raise torch.cuda.OutOfMemoryError(f"injected by {FAULT_OOM_ENV}={fault} at share {share:g}")
+        return train_epoch()
+    trial.train_epoch = failing_train_epoch
+
+
+class OomRequeue(tune.schedulers.TrialScheduler):
+    """Wraps the run's scheduler: a trial that failed with TrialOutOfMemory is retried (Tune's failure handling
+    restores it from its last checkpoint) with twice its GPU share, up to a whole GPU, and the OOM does not
+    count against --max-failures. Tune's ResourceChangingScheduler does this for results, not failures, and
+    refuses actor reuse."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    @property
+    def metric(self):
+        return self.base.metric
+
+    @property
+    def supports_buffered_results(self):
+        return self.base.supports_buffered_results
+
+    def set_search_properties(self, metric, mode, **spec):
+        return self.base.set_search_properties(metric, mode, **spec)
+
+    def on_trial_add(self, tune_controller, trial):
+        return self.base.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        if _failed_with_oom(trial):
+            share = float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
+            resources = dict(trial.placement_group_factory.required_resources)
+            resources["GPU"] = next_share(share)
+            trial.update_resources({k.lower() if k in ("CPU", "GPU") else k: v for k, v in resources.items()})
+            trial.run_metadata.num_failures -= 1  # a re-queue, not a failure
+        return self.base.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self.base.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        return self.base.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        return self.base.on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        return self.base.choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        return f"(OomRequeue) {self.base.debug_string()}"
+
+    def save(self, checkpoint_path: str):
+        return self.base.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str):
+        return self.base.restore(checkpoint_path)
+
+
+def _failed_with_oom(trial) -> bool:
+    """Tune appends each failure to the trial's error file; the latest one says what it was."""
+    path = trial.error_file
+    if not path or not os.path.exists(path):
+        return False
+    last = Path(path).read_text().rsplit("Failure # ", 1)[-1]
+    return TrialOutOfMemory.__name__ in last

@@ -1,0 +1,279 @@
+"""The paths next to the smoke run, with the real thing each time: a Ray head started by `ray start` in its own
+temp dir (token auth on, as Ray 2.60 starts it), a stale address file, a driver killed with SIGKILL, an image
+folder on disk."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_VIT, run_grid
+
+TINY = ["--only", "vit-p8-e32-l1", "--train-size", "200", "--test-size", "100", "--no-analysis"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def gpuless_head(tmp_path_factory):
+    """`ray start --head --num-gpus=0`, no autoscaler, one CPU, on 127.0.0.1 in a temp dir of its own (so its
+    address file is not the default one other Rays on this machine read). Yields HOST:PORT."""
+    from raybench.cluster import stop_local_cluster
+    temp = tmp_path_factory.mktemp("head")
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    r = subprocess.run([ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                        f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_local_cluster(str(temp))
+
+
+def test_joins_a_token_protected_head_by_host_port(gpuless_head, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    r = run_grid("--address", gpuless_head, "--gpus", "0", "--epochs", "1", *TINY, "--results-dir", tmp_path,
+                 "--name", "joined", env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "InvalidAuthToken" not in r.stdout + r.stderr
+    assert len(pd.read_parquet(tmp_path / "joined" / "epochs.parquet")) == 1
+    # RAY_ADDRESS (as `ray job submit` sets it) joins the same way, and says so
+    r = run_grid("--gpus", "0", "--epochs", "1", *TINY, "--results-dir", tmp_path, "--name", "by-env",
+                 env={**env, "RAY_ADDRESS": gpuless_head})
+    assert r.returncode == 0 and f"RAY_ADDRESS={gpuless_head} is set" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_rejected_token_ends_in_one_error_line_within_30s(gpuless_head, tmp_path):
+    env = {**os.environ, "RAY_AUTH_TOKEN": "0" * 64}
+    t0 = time.monotonic()
+    r = run_grid("--address", gpuless_head, "--gpus", "0", *TINY, "--results-dir", tmp_path, "--name", "refused",
+                 env=env)
+    took = time.monotonic() - t0
+    assert r.returncode == 2 and took < 30, (took, r.stderr)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and gpuless_head in errors[0] and "RAY_AUTH_TOKEN" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "InvalidAuthToken" not in r.stderr
+    assert not (tmp_path / "refused").exists()  # the same --name works next time
+
+
+def test_an_unreachable_cluster_ends_in_one_error_line(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = run_grid("--address", dead, "--gpus", "0", *TINY, "--results-dir", tmp_path, "--name", "nowhere")
+    assert r.returncode == 2 and time.monotonic() - t0 < 30
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: --address {dead}: no Ray cluster answers")
+    assert "Traceback" not in r.stderr and not (tmp_path / "nowhere").exists()
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_fit(gpuless_head, tmp_path):
+    r = run_grid("--address", gpuless_head, "--gpus", "2", *TINY, "--results-dir", tmp_path, "--name", "nogpu")
+    assert r.returncode == 2, r.stdout[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert "vit-p8-e32-l1-h2-m2-seed asks for 1 CPU and 0.125 GPU" in err and "1 CPU and 0 GPU" in err, err
+    assert "no autoscaler" in err and "Traceback" not in r.stderr and not (tmp_path / "nogpu").exists()
+
+
+def test_pending_trials_stop_the_run_after_the_timeout_with_the_resume_command(gpuless_head, tmp_path):
+    """The head's only CPU is held by another job's detached actor: the trial fits the node but never gets
+    it. --pending-timeout stops the run the way Ctrl+C does; the trial stays pending, resumable."""
+    hog = tmp_path / "hog.py"
+    hog.write_text("import ray, time\nray.init(address=%r)\n"
+                   "@ray.remote(num_cpus=1)\nclass Hog:\n    def ping(self): return 1\n"
+                   "h = Hog.options(name='hog', lifetime='detached').remote()\nray.get(h.ping.remote())\n"
+                   "print('held', flush=True)\n" % gpuless_head)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    held = subprocess.run([sys.executable, str(hog)], capture_output=True, text=True, env=env, timeout=120)
+    assert "held" in held.stdout, held.stderr[-2000:]
+    try:
+        r = run_grid("--address", gpuless_head, "--gpus", "0", *TINY, "--pending-timeout", "0.1",
+                     "--results-dir", tmp_path, "--name", "waits", timeout=300)
+    finally:
+        subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gpuless_head!r}); "
+                        "ray.kill(ray.get_actor('hog'))"], capture_output=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "waited 0.1 min for resources" in r.stdout and "--name waits --resume" in r.stdout
+    trials = pd.read_parquet(tmp_path / "waits" / "trials.parquet")
+    assert trials.status.tolist() == ["pending"]
+
+
+def test_the_default_run_starts_its_own_ray_whatever_a_stale_address_file_names(tmp_path):
+    """A `ray start --head` whose processes died leaves /tmp/ray/ray_current_cluster naming it; `ray.init()`
+    would join that and refuse num_cpus/num_gpus (Ray 2.60). The default run must not care."""
+    from ray._common.utils import get_ray_address_file
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"127.0.0.1:{free_port()}")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        r = run_grid("--epochs", "1", *TINY, "--no-dashboard", "--results-dir", tmp_path, "--name", "stale", env=env)
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(pd.read_parquet(tmp_path / "stale" / "epochs.parquet")) == 1
+
+
+def session_processes(session_dir: str) -> list[str]:
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if any(session_dir in a for a in cmd) and "raybench.session" not in cmd:
+                found.append(f"{p.pid} {' '.join(cmd)[:120]}")
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with(tmp_path):
+    """README: `python -m raybench.grid --experiment smoke --name k1 --resume`, after a `--gpus 2` run whose
+    driver was killed with SIGKILL mid-epoch. The resumed run gets its 2 (logical) GPUs back, every
+    (trial, epoch) lands exactly once, and nothing of the killed driver's Ray session is left running."""
+    import psutil
+    args = [sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--name", "k1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(args + ["--gpus", "2", "--only", "vit-p8", "--epochs", "4", "--train-size", "1000",
+                                     "--test-size", "200", "--no-analysis"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epochs = tmp_path / "results" / "k1" / "epochs.parquet"
+    deadline = time.monotonic() + 300
+    while not (epochs.exists() and len(pd.read_parquet(epochs)) >= 1):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.5)
+    reapers = [p for p in psutil.process_iter(["cmdline"])
+               if "raybench.session" in (p.info["cmdline"] or []) and str(first.pid) in p.info["cmdline"]]
+    assert len(reapers) == 1
+    session_dir = reapers[0].info["cmdline"][-1]
+    assert session_processes(session_dir)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.monotonic() + 30
+    while session_processes(session_dir) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not session_processes(session_dir), session_processes(session_dir)
+
+    r = subprocess.run(args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ep = pd.read_parquet(epochs)
+    assert len(ep) == 2 * 4 and not ep.duplicated(["trial", "epoch"]).any()
+    assert sorted(ep.groupby("trial").epoch.apply(list).tolist()) == [[1, 2, 3, 4]] * 2
+    assert (ep.gpu_ids.astype(str) != "").all()  # every trial ran on a (logical) GPU, the resumed ones too
+    assert (pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").status == "ok").all()
+
+
+def write_image_folder(root: Path, side: int, per_class: int, classes=("a", "b")) -> Path:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_loads_at_the_model_input_side_and_counts_in_the_memory_estimate(tmp_path):
+    import dataclasses
+    from raybench.configs import DataSpec, Recipe, TrialSpec
+    from raybench.resources import trial_memory_bytes
+    from raybench.train import Trial
+    small = write_image_folder(tmp_path / "small", 64, 3)
+    large = write_image_folder(tmp_path / "large", 64, 8)
+    spec = TrialSpec(dataclasses.replace(TINY_VIT, image_size=64, num_classes=2), Recipe(epochs=1, batch_size=4),
+                     DataSpec("imagefolder", str(small)))
+    trial = Trial(spec, device="cpu")
+    assert tuple(trial.data.train_x.shape[1:]) == (3, 64, 64)  # not shrunk to 32 px on load
+    bigger = dataclasses.replace(spec, data=DataSpec("imagefolder", str(large)))
+    # 4 classes-and-splits x 5 more images, each 3 x 64 x 64 uint8 on the device
+    assert trial_memory_bytes(bigger) - trial_memory_bytes(spec) == 4 * 5 * 3 * 64 * 64
+
+
+def test_an_out_of_memory_trial_is_requeued_with_twice_its_share_until_a_whole_gpu(tmp_path):
+    """RAYBENCH_FAULT_OOM makes one trial run out of GPU memory in epoch 2 until its share reaches 0.5, and
+    another in epoch 1 at any share: the first resumes from its epoch-1 checkpoint at 0.25, then 0.5, and
+    finishes; the second climbs to a whole GPU, where an OOM is final. Every epoch row exactly once."""
+    a, b = "vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"
+    env = {**os.environ, "RAYBENCH_FAULT_OOM": f"{a}:2:0.5;{b}:1:2"}
+    r = run_grid("--gpus", "2", "--only", "vit-p8", "--epochs", "3", "--train-size", "200", "--test-size", "100",
+                 "--no-analysis", "--no-dashboard", "--results-dir", tmp_path, "--name", "oom", env=env)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # b ended out of memory
+    trials = pd.read_parquet(tmp_path / "oom" / "trials.parquet").set_index("trial")
+    assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25,0.5"
+    assert trials.loc[a, "gpu_fraction"] == 0.5
+    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.125,0.25,0.5,1"
+    ep = pd.read_parquet(tmp_path / "oom" / "epochs.parquet")
+    assert ep[ep.trial == a].epoch.tolist() == [1, 2, 3] and ep[ep.trial == b].empty
+    assert ep[ep.trial == a].gpu_share.tolist() == [0.125, 0.5, 0.5]  # epoch 1 before the OOM, 2-3 after
+    assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
+
+
+def test_a_worker_node_that_dies_mid_trial_costs_at_most_the_epoch_in_flight(tmp_path):
+    """Head and worker, one CPU each, two trials: once a trial has finished an epoch on the worker, the worker
+    is removed without warning. Its trial continues from its checkpoint on the surviving head, every epoch
+    once. (In-process, as the two-node test in test_grid.py explains.)"""
+    import threading
+    from ray.cluster_utils import Cluster
+    from raybench.grid import main
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    epochs, moved = tmp_path / "dies" / "epochs.parquet", {}
+
+    def remove_worker_after_its_first_epoch():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not moved:
+            ep = pd.read_parquet(epochs) if epochs.exists() else None
+            if ep is not None and (ep.node_id == worker.node_id).any():
+                moved["trial"] = ep[ep.node_id == worker.node_id].trial.iloc[0]
+                cluster.remove_node(worker, allow_graceful=False)
+            time.sleep(0.2)
+    killer = threading.Thread(target=remove_worker_after_its_first_epoch, daemon=True)
+    killer.start()
+    try:
+        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-p8", "--epochs", "4",
+                   "--train-size", "1000", "--test-size", "200", "--results-dir", str(tmp_path), "--name", "dies",
+                   "--no-analysis"])
+    finally:
+        killer.join(timeout=5)
+        cluster.shutdown()
+    assert rc == 0 and moved
+    ep = pd.read_parquet(epochs)
+    assert not ep.duplicated(["trial", "epoch"]).any()
+    assert sorted(ep.groupby("trial").epoch.apply(list).tolist()) == [[1, 2, 3, 4]] * 2
+    assert ep[ep.trial == moved["trial"]].node_id.nunique() == 2  # began on the worker, ended on the head
+
+
+def test_the_seed_study_fits_four_gpus_because_cached_fine_tunes_are_charged_for_their_head():
+    """A frozen, feature-cached Swin's steps run only its 768 x 100 head: it gets the smallest share, and the
+    whole seed study asks for at most the 4 GPUs it is run with (it asked for 5.125 when the fine-tunes were
+    charged a backbone forward per step)."""
+    from raybench.experiments import load_experiment
+    from raybench.resources import MIN_FRACTION, gpu_fraction, step_flops
+    trials = {t.name: t for t in load_experiment("seed").trials}
+    shares = {name: gpu_fraction(t) for name, t in trials.items()}
+    assert shares["swin-tiny-ft-seed"] == shares["swin-small-ft-seed"] == MIN_FRACTION
+    assert step_flops(trials["swin-small-ft-seed"]) == 3 * 2 * 768 * 100 * 32
+    assert shares["swin-tiny-scratch-seed"] == 1.0  # the same backbone trained: 3 x 9 GFLOPs x 32 per step
+    assert sum(shares.values()) <= 4, shares
