@@ -11,14 +11,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from raybench.configs import ResNetConfig, SwinConfig, ViTConfig  # noqa: E402  (after the environment above)
+from raybench.configs import (HFConfig, PyConfig, ResNetConfig, SwinConfig, TorchvisionConfig,  # noqa: E402
+                              ViTConfig)  # (after the environment above)
 
 # The smallest ViT the tests train: one block of width 32 on 8x8 patches, 10 classes (the synthetic sets').
 # Variants are `dataclasses.replace(TINY_VIT, ...)`.
 TINY_VIT = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
 
-# Test ids of the tiny configs in `tiny_models`: one per built-in family and variant.
-TINY_MODELS = ("vit", "resnet18-cifar", "resnet18-imagenet", "swin-ft", "swin-scratch")
+# Test ids of the tiny configs in `tiny_models`: one per built-in family and variant, and per source of the
+# models the study does not build itself (torchvision:, hf:, py:).
+TINY_MODELS = ("vit", "resnet18-cifar", "resnet18-imagenet", "swin-ft", "swin-scratch", "tv-mobilenet_v3_small",
+               "hf-ft", "hf-scratch", "py")
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +40,16 @@ def tiny_swin_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tiny_swin_dir) -> dict:
     """TINY_MODELS id -> config, 10 classes each: our counterpart of the registry timm's tests run every model
-    of. The Swin ones load tiny_swin_dir's save_pretrained folder, as a user's checkpoint would."""
+    of. The Swin and hf: ones load tiny_swin_dir's save_pretrained folder, as a user's checkpoint would; the
+    py: one takes torchvision's resnet18 builder as the user's function (it passes num_classes through)."""
     return dict(zip(TINY_MODELS, (TINY_VIT, ResNetConfig("cifar", num_classes=10),
                                   ResNetConfig("imagenet", num_classes=10),
                                   SwinConfig(tiny_swin_dir, finetune=True, num_classes=10),
-                                  SwinConfig(tiny_swin_dir, finetune=False, num_classes=10)), strict=True))
+                                  SwinConfig(tiny_swin_dir, finetune=False, num_classes=10),
+                                  TorchvisionConfig("mobilenet_v3_small", num_classes=10),
+                                  HFConfig(tiny_swin_dir, finetune=True, num_classes=10),
+                                  HFConfig(tiny_swin_dir, scratch=True, num_classes=10),
+                                  PyConfig("torchvision.models", "resnet18", num_classes=10)), strict=True))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ def test_tiny_models_cover_every_built_in_family_and_variant(tiny_models):
     assert {c.family for c in cfgs} == set(FAMILIES)
     assert {c.stem for c in cfgs if c.family == "resnet"} == {"cifar", "imagenet"}
     assert {c.finetune for c in cfgs if c.family == "swin"} == {True, False}
+    assert {c.frozen_backbone for c in cfgs if c.family == "hf"} == {True, False}
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -36,8 +37,8 @@ def test_every_family_maps_images_to_logits_and_trains_exactly_its_trainable_par
     assert torch.isfinite(loss)
     loss.backward()
     params = dict(model.named_parameters())
-    # a frozen backbone (Swin fine-tune) trains the new head only; every other model trains everything
-    expected = {"hf.classifier.weight", "hf.classifier.bias"} if name == "swin-ft" else set(params)
+    # a frozen backbone (Swin, hf: fine-tune) trains the new head only; every other model trains everything
+    expected = {"hf.classifier.weight", "hf.classifier.bias"} if name in ("swin-ft", "hf-ft") else set(params)
     assert {n for n, p in params.items() if p.requires_grad} == expected
     assert {n for n, p in params.items() if p.grad is not None} == expected  # none on frozen parameters
     assert all(torch.isfinite(params[n].grad).all() and params[n].grad.abs().sum() > 0 for n in expected), \
