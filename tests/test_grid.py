@@ -243,7 +243,7 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, conten
 @pytest.mark.parametrize("args, message", [
     (["--gpus", "-1"], "--gpus=-1"),
     (["--gpus", "0.5"], "--gpus=0.5: a local Ray gets whole GPUs"),
-    (["--cpus", "1", "--cpus-per-trial", "2", "--gpus", "0"], "asks for 2 CPU and 0 GPU, but the cluster has 1 CPU"),
+    (["--cpus", "1", "--cpus-per-trial", "2", "--gpus", "0"], "asks for 2 CPU and 0 GPU, but the nodes offer 1 CPU"),
     (["--experiment", "nope"], "built-in: full, seed, seed-custom, smoke"),
     (["--only", "zzz"], "--only='zzz' matches no trial"),
     (["--seeds", "two"], "--seeds='two'"),
