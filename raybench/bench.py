@@ -61,7 +61,7 @@ def timing_config(cfg: ModelConfig) -> ModelConfig:
     """The same architecture with weights that need no download (random where pretrained ones would be)."""
     if isinstance(cfg, ResNetConfig) and cfg.pretrained:
         return dataclasses.replace(cfg, pretrained=False)
-    if isinstance(cfg, SwinConfig) and cfg.finetune and cfg.checkpoint in SWIN_ARCHS and cfg.checkpoint != SWIN_MICRO:
+    if isinstance(cfg, SwinConfig) and cfg.frozen_backbone and cfg.checkpoint in SWIN_ARCHS and cfg.checkpoint != SWIN_MICRO:
         from raybench.models.swin import random_checkpoint
         return dataclasses.replace(cfg, checkpoint=random_checkpoint(cfg.checkpoint))
     return cfg

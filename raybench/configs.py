@@ -101,6 +101,10 @@ class ViTConfig:
                 + (f"-{self.image_size}" if self.image_size != 32 else ""))
 
     @property
+    def frozen_backbone(self) -> bool:
+        return False
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.dim)
 
@@ -134,6 +138,10 @@ class ResNetConfig:
         return (f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
                 + (f"-{self.image_size}" if self.image_size != usual else ""))
 
+    @property
+    def frozen_backbone(self) -> bool:
+        return False  # a pretrained ResNet-18 fine-tunes every layer
+
 
 @dataclass(frozen=True)
 class SwinConfig:
@@ -164,12 +172,19 @@ class SwinConfig:
     def name(self) -> str:
         return f"swin-{self.short}-" + ("ft" if self.finetune else "scratch")
 
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.finetune
+
 
 def _is_model_folder(path: str) -> bool:
     import os
     return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
 
 
+# Every model config has `name`, `num_classes` and `frozen_backbone`: True when only a new head trains on a
+# backbone that never changes. The trainer's feature cache, the GPU share's compute term and the trainable
+# parameter count all follow that one property, so a new family declares it once.
 ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig]
 FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig}
 

@@ -64,7 +64,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
 def gpu_fraction(spec: TrialSpec, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -> float:
     from raybench.complexity import complexity
     cx = complexity(spec.model)
-    passes = 1 if getattr(spec.model, "finetune", False) else 3
+    passes = 1 if spec.model.frozen_backbone else 3
     compute = passes * cx.flops * spec.recipe.batch_size / FULL_GPU_STEP_FLOPS
     memory = (trial_memory_bytes(spec) + CUDA_OVERHEAD_BYTES) / (gpu_memory_gb * 1e9)
     share = max(compute, memory)

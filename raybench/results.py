@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
+from raybench.configs import ResNetConfig, TrialSpec, ViTConfig
 from raybench.records import EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, UNFINISHED, epoch_summary, versions
 
 def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str = "") -> list[dict]:
@@ -31,8 +31,8 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "heads": m.heads if isinstance(m, ViTConfig) else None,
             "mlp_ratio": float(m.mlp_ratio) if isinstance(m, ViTConfig) else None,
             "stem": m.stem if isinstance(m, ResNetConfig) else None,
-            "pretrained": bool(getattr(m, "pretrained", False) or getattr(m, "finetune", False)),
-            "finetune": bool(isinstance(m, SwinConfig) and m.finetune),
+            "pretrained": bool(getattr(m, "pretrained", False) or m.frozen_backbone),
+            "finetune": m.frozen_backbone,
             "params": cx.params, "trainable_params": cx.trainable_params, "flops": float(cx.flops),
             "gflops": cx.gflops, "image_size": cx.input_size,
             "batch_size": s.recipe.batch_size, "lr": s.recipe.lr, "optimizer": s.recipe.optimizer,

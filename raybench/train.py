@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (ConfigError, DataSpec, Recipe, SwinConfig, TrialSpec, add_model_args,
+from raybench.configs import (ConfigError, DataSpec, Recipe, TrialSpec, add_model_args,
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
@@ -43,7 +43,7 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float
 def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
     """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
     to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
-    if not (spec.model.family == "swin" and getattr(spec.model, "finetune", False)):
+    if not spec.model.frozen_backbone:
         return CACHE_OFF_NOT_FROZEN
     if spec.recipe.augment:
         return CACHE_OFF_AUGMENT

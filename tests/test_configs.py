@@ -69,3 +69,10 @@ def test_swin_recipes_use_the_study_fine_tuning_settings():
     assert (r.batch_size, r.lr, r.epochs, r.optimizer) == (32, 2e-5, 3, "adam")
     r = default_recipe("seed", ViTConfig())
     assert (r.batch_size, r.lr, r.optimizer, r.schedule, r.augment) == (64, 1e-3, "adam", "constant", ())
+
+
+def test_only_a_fine_tuned_swin_has_a_frozen_backbone():
+    frozen = {cfg.name: cfg.frozen_backbone for cfg in [*study_models(), SwinConfig(),
+                                                        ResNetConfig("imagenet", True, image_size=224)]}
+    assert {n for n, f in frozen.items() if f} == {"swin-tiny-ft"}
+    assert SwinConfig(finetune=False).frozen_backbone is False
