@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (ConfigError, DataSpec, Recipe, TrialSpec, add_model_args,
+from raybench.configs import (ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, add_model_args,
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
@@ -74,6 +74,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def uses_channels_last(cfg: ModelConfig) -> bool:
+    """cuDNN and oneDNN convolutions both run faster in NHWC; the transformers' linears do not care."""
+    return cfg.family == "resnet"
+
+
 class Trial:
     """Model, data, optimiser and RNG state of one trial; `epochs()` trains and yields a record per epoch.
 
@@ -82,62 +87,88 @@ class Trial:
 
     def __init__(self, spec: TrialSpec, device: str | None = None, threads: int | None = None,
                  dataset: Dataset | None = None, feature_cache: bool = True, compile: bool | None = None):
-        from raybench.models import build_model
-        self.recipe = spec.recipe
         self.device = pick_device(device)
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads}: must be >= 1")
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))  # packed CPU trials must not fight over cores
-        image_size = getattr(spec.model, "image_size", 32)
-        data = dataset or load_dataset(spec.data, spec.model.num_classes, image_size)
+        self._load_data(spec, dataset)
+        self.recipe = self.spec.recipe
+        self.channels_last = uses_channels_last(self.spec.model)
+        self._seed_rng()
+        self._build_model()
+        self._build_optimiser()
+        self.steps_per_epoch = math.ceil(len(self.data.train_y) / self.recipe.batch_size)
+        self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
+        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
+        # Cached: the training steps and evaluation run the head on stored backbone features.
+        self.feature_cache = feature_cache_mode(self.spec, feature_cache)
+        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
+        self.compile = self.spec.compile if compile is None else bool(compile)  # the record's `compiled`
+        self.warmed_up = False  # the compile warm-up ran: every input shape of an epoch has its graph
+        self.forward = self._forward()
+
+    # --- the steps of __init__, in the order they run ---
+    def _load_data(self, spec: TrialSpec, dataset: Dataset | None) -> None:
+        data = dataset or load_dataset(spec.data, spec.model.num_classes, getattr(spec.model, "image_size", 32))
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))
         self.spec = spec
-        torch.manual_seed(spec.seed)
-        self.model = build_model(spec.model).to(self.device)
-        if spec.model.family == "resnet":  # cuDNN and oneDNN convolutions both run faster in NHWC
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data_mean_std = data.mean_std
         self.data = data.to(self.device)
-        mean, std = data.mean_std
+
+    def _seed_rng(self) -> None:
+        torch.manual_seed(self.spec.seed)  # the model's initial weights
+        self.gen = torch.Generator(device=self.device).manual_seed(self.spec.seed)  # shuffles, augmentation
+
+    def _build_model(self) -> None:
+        from raybench.models import build_model
+        self.model = build_model(self.spec.model).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        mean, std = self.data_mean_std
         if self.model.mean is not None:  # pretrained weights expect their own statistics
             mean, std = torch.tensor(self.model.mean), torch.tensor(self.model.std)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
         self.input_size = self.model.input_size
+
+    def _build_optimiser(self) -> None:
+        r = self.recipe
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt_cls = torch.optim.AdamW if self.recipe.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = opt_cls(params, lr=self.recipe.lr, weight_decay=self.recipe.weight_decay, **fused)
-        self.gen = torch.Generator(device=self.device).manual_seed(spec.seed)
-        self.steps_per_epoch = math.ceil(len(data.train_y) / self.recipe.batch_size)
-        self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
-        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
-        # Cached: the training steps and evaluation run the head on stored backbone features.
-        self.feature_cache = feature_cache_mode(spec, feature_cache)
-        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
-        self.compile = spec.compile if compile is None else bool(compile)
-        self.compiled = False  # warm-up done: every input shape of an epoch has its compiled graph
+        self.opt = opt_cls(params, lr=r.lr, weight_decay=r.weight_decay, **fused)
+
+    def _forward(self):
+        """What the steps call: the model, or its head alone on cached features; compiled when asked.
+        self.model stays the plain module, so its state_dict keys and checkpoints do not change with compile."""
         fwd = self.model.forward_head if self.feature_cache == CACHE_ON else self.model
-        # self.model stays the plain module: its state_dict keys and checkpoints do not change with compile.
-        self.forward = torch.compile(fwd) if self.compile else fwd
+        if not self.compile:
+            return fwd
+        return torch.compile(fwd)
+
+    # --- RNG state: checkpoints save it, the compile warm-up puts it back ---
+    def _rng_state(self) -> dict:
+        return {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def _set_rng_state(self, s: dict) -> None:
+        self.gen.set_state(s["gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if s.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
 
     # --- checkpoints (plain tensors and numbers: they load with weights_only=True) ---
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
-                "step": self.step, "status": self.status, "gen": self.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "spec": self.spec.to_dict()}
+                "step": self.step, "status": self.status, **self._rng_state(), "spec": self.spec.to_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
         self.status = s.get("status", STATUS_OK if self.epoch >= self.recipe.epochs else STATUS_RUNNING)
-        self.gen.set_state(s["gen"])
-        torch.set_rng_state(s["torch_rng"])
-        if s.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
+        self._set_rng_state(s)
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
@@ -146,15 +177,18 @@ class Trial:
         # On the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest to the device.
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    # --- one epoch ---
+    # --- the pieces of an epoch ---
+    def _sync(self):
+        """Wait for the device: the only CPU-GPU sync points besides the once-per-epoch `.item()` reads."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def _batch(self, x, augment=()):
         x = prepare(x, self.mean, self.std, self.input_size, augment, self.gen)
-        if self.spec.model.family == "resnet":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _train_inputs(self, idx):
         if self.features is not None:
@@ -163,10 +197,6 @@ class Trial:
 
     def _test_inputs(self, s: int, e: int):
         return self.features[1][s:e] if self.features is not None else self._batch(self.data.test_x[s:e])
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def cache_features(self) -> float:
@@ -196,8 +226,7 @@ class Trial:
         statistics) restored, so the run trains exactly as if the warm-up had not happened. The time
         returned is compilation plus the compute of these few passes (a few steps' worth)."""
         d, B = self.data, self.recipe.batch_size
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng = self._rng_state()
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         self._sync()
         t0 = time.perf_counter()
@@ -219,10 +248,8 @@ class Trial:
         with torch.no_grad():
             for k, v in self.model.named_buffers():
                 v.copy_(buffers[k])
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, self.device)
-        self.compiled = True
+        self._set_rng_state(rng)
+        self.warmed_up = True
         return dt
 
     def train_epoch(self) -> dict:
@@ -231,8 +258,7 @@ class Trial:
         total_steps = self.steps_per_epoch * r.epochs
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         t0 = time.perf_counter()
         for idx in epoch_indices(len(d.train_y), r.batch_size, self.gen, self.device):
             lr = lr_at(self.step, total_steps, self.steps_per_epoch, r)
@@ -248,8 +274,7 @@ class Trial:
             self.step += 1
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         dt = time.perf_counter() - t0
         n = len(d.train_y)
         return {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "train_time_s": dt,
@@ -268,10 +293,11 @@ class Trial:
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         n = len(d.test_y)
-        out = {"test_loss": loss_sum.item() / n, "test_acc": correct.item() / n}
+        out = {"test_loss": loss_sum.item() / n, "test_acc": correct.item() / n}  # .item() waits for the device
         out["eval_time_s"] = time.perf_counter() - t0
         return out
 
+    # --- the epochs ---
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield one record each. Stops early, with its status, on divergence
         or on running out of GPU memory.
@@ -287,7 +313,7 @@ class Trial:
             try:
                 if self.feature_cache == CACHE_ON and self.features is None:
                     cache_s = self.cache_features()
-                if self.compile and not self.compiled:
+                if self.compile and not self.warmed_up:
                     compile_s = self.compile_warm_up()
                 rec = self.train_epoch()
                 rec.update(self.evaluate())  # evaluation at batch 256 is as likely to run out as training
@@ -298,14 +324,14 @@ class Trial:
                 return
             self.epoch += 1
             diverged = not math.isfinite(rec["train_loss"])
-            status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
-                                                       else STATUS_RUNNING)
-            self.status = status
+            self.status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
+                                                            else STATUS_RUNNING)
             yield {"epoch": self.epoch, **rec, "cache_time_s": cache_s, "compile_time_s": compile_s,
                    "feature_cache": self.feature_cache, "compiled": self.compile,
-                   "peak_memory_mb": peak_memory_mb(self.device), "status": status,
+                   "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
-                   else "", "device": device, "threads": torch.get_num_threads(), "started_at": started_at, "finished_at": time.time()}
+                   else "", "device": device, "threads": torch.get_num_threads(),
+                   "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
 
