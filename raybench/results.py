@@ -38,7 +38,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "batch_size": s.recipe.batch_size, "lr": s.recipe.lr, "optimizer": s.recipe.optimizer,
             "epochs": s.recipe.epochs,
             "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
-            "device": "", "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
+            "device": "", "precision": s.precision, "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
             "total_time_s": math.nan, **ver, "git_commit": commit})
@@ -93,6 +93,8 @@ class ResultsWriter(tune.Callback):
                           best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
                           mean_epoch_time_s=float(s.mean_epoch_time_s), total_time_s=float(s.total_time_s),
                           device=str(ep.device.iloc[-1]))
+            if "precision" in ep and isinstance(ep.precision.iloc[-1], str):  # epochs written before it lack it
+                fields["precision"] = ep.precision.iloc[-1]  # the setting as the device resolved it
         for k, v in fields.items():
             trials.loc[i, k] = v
         write_atomic(trials, self.trials_path)

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, add_model_args,
+from raybench.configs import (PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, add_model_args,
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
@@ -74,6 +74,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware, as torch reads it: a CUDA GPU that supports it without
+    emulation; an x86 CPU with AVX-512-BF16 or AMX-BF16 (torch.cpu.get_capabilities, else /proc/cpuinfo's
+    flags on a torch without it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    try:
+        flags = next(l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"bf16" (autocast) or "fp32" for a requested setting on a device: "auto" is bf16 where the device computes
+    it natively and fp32 elsewhere (emulated bf16 is slower than fp32); "bf16"/"fp32" are taken as asked."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: must be one of {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
 def uses_channels_last(cfg: ModelConfig) -> bool:
     """cuDNN and oneDNN convolutions both run faster in NHWC; the transformers' linears do not care."""
     return cfg.family == "resnet"
@@ -94,6 +124,7 @@ class Trial:
             torch.set_num_threads(int(threads))  # packed CPU trials must not fight over cores
         self._load_data(spec, dataset)
         self.recipe = self.spec.recipe
+        self.precision = resolve_precision(self.spec.precision, self.device)  # "bf16" or "fp32"
         self.channels_last = uses_channels_last(self.spec.model)
         self._seed_rng()
         self._build_model()
@@ -184,7 +215,7 @@ class Trial:
             torch.cuda.synchronize(self.device)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _batch(self, x, augment=()):
         x = prepare(x, self.mean, self.std, self.input_size, augment, self.gen)
@@ -320,7 +351,7 @@ class Trial:
             except torch.cuda.OutOfMemoryError as e:
                 self.status = STATUS_OOM
                 yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
-                       "device": device}
+                       "device": device, "precision": self.precision}
                 return
             self.epoch += 1
             diverged = not math.isfinite(rec["train_loss"])
@@ -330,7 +361,7 @@ class Trial:
                    "feature_cache": self.feature_cache, "compiled": self.compile,
                    "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
-                   else "", "device": device, "threads": torch.get_num_threads(),
+                   else "", "device": device, "precision": self.precision, "threads": torch.get_num_threads(),
                    "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
@@ -368,6 +399,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model; compile time is reported apart from epoch time (default: off)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="bf16 autocast or fp32; auto: bf16 where the device computes it natively (a CUDA GPU with "
+                        "bf16, a CPU with AVX-512-BF16 or AMX), else fp32 (default: auto)")
     p.add_argument("--json", action="store_true", help="also print each epoch record as a JSON line")
     return p
 
@@ -379,7 +413,7 @@ def spec_from_args(args) -> TrialSpec:
                  if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
     data = DataSpec(args.dataset, args.data_dir, args.train_size, args.test_size)
-    return TrialSpec(model, recipe, data, args.seed, compile=args.compile)
+    return TrialSpec(model, recipe, data, args.seed, compile=args.compile, precision=args.precision)
 
 
 def main(argv=None) -> int:
@@ -398,7 +432,7 @@ def main(argv=None) -> int:
     except (DatasetUnavailable, WeightsUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{spec.name}] device {device_name(trial.device)}, {len(trial.data.train_y)} train / "
+    print(f"[{spec.name}] device {device_name(trial.device)} ({trial.precision}), {len(trial.data.train_y)} train / "
           f"{len(trial.data.test_y)} test images" + (" (synthetic)" if trial.data.synthetic else ""), flush=True)
     if trial.feature_cache != CACHE_OFF_NOT_FROZEN:
         print(f"[{spec.name}] frozen backbone: feature cache {trial.feature_cache}"
