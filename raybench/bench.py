@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -86,6 +87,23 @@ def bench_spec(name: str | TrialSpec, images: int, test_images: int, batch_size:
 def subset(data: Dataset, n: int, n_test: int) -> Dataset:
     return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
                                test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
+
+
+def warm_up_sizes(n: int, n_test: int, batch_size: int, warmup_batches: int) -> tuple[int, int]:
+    """Training and test images of the throwaway warm-up Trial: a few full batches and a short last one, so its
+    compile covers every graph a real trial compiles (CIFAR-100's 50,000 images end on a short batch of 16 at
+    batch 64). The short batch has the timed set's size where that set has one, else CIFAR-100's."""
+    from raybench.train import EVAL_BATCH
+
+    def size(n, batch, full_batches, short):
+        k = min(full_batches, (n - short) // batch)
+        return k * batch + short if k >= 1 else n  # a set too small for both shapes is taken whole
+
+    short = n % batch_size or CIFAR_TRAIN % batch_size or batch_size // 2
+    short_test = n_test % EVAL_BATCH or CIFAR_TEST % EVAL_BATCH or EVAL_BATCH // 2
+    # >= 256 training images: the feature pass runs at batch 256 on CUDA
+    return (size(n, batch_size, max(warmup_batches, math.ceil(256 / batch_size)), short),
+            size(n_test, EVAL_BATCH, 1, short_test))
 
 
 def sync(device: torch.device) -> None:
@@ -198,7 +216,7 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
     variants = [(LOOP_RAYBENCH, dataclasses.replace(spec, compile=False, precision=p)) for p in precisions]
     variants += ([(LOOP_COMPILE, dataclasses.replace(spec, compile=True, precision=p)) for p in precisions]
                  if args.compile else [])
-    warm = subset(data, min(n, max(args.warmup_batches * B, 256)), min(n_test, 256))
+    warm = subset(data, *warm_up_sizes(n, n_test, B, args.warmup_batches))
     # The warm-up Trial compiles from a cold cache: its compile time is the one a grid trial pays (each
     # trial is a fresh process); later Trials here reuse the compiled code and pay only recompiles.
     cold = {(loop, s.precision): raybench_epoch(s, warm, device, threads)["compile_time_s"] for loop, s in variants}

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -109,6 +110,15 @@ def uses_channels_last(cfg: ModelConfig) -> bool:
     return cfg.family == "resnet"
 
 
+def bound_compile_workers(threads: int) -> None:
+    """Inductor compiles in a pool of min(32, host CPUs) worker processes, whatever Ray gave the trial: bound it
+    to the trial's CPUs (or lower, where TORCHINDUCTOR_COMPILE_THREADS says so). Read when the pool starts, at
+    the first compile in the process: a Ray trial is a fresh process, so it holds there."""
+    from torch._inductor import config
+    env = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    config.compile_threads = min(threads, int(env)) if env else threads
+
+
 class Trial:
     """Model, data, optimiser and RNG state of one trial; `epochs()` trains and yields a record per epoch.
 
@@ -137,7 +147,7 @@ class Trial:
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
         self.compile = self.spec.compile if compile is None else bool(compile)  # the record's `compiled`
         self.warmed_up = False  # the compile warm-up ran: every input shape of an epoch has its graph
-        self.forward = self._forward()
+        self.forward = self._forward(threads)
 
     # --- the steps of __init__, in the order they run ---
     def _load_data(self, spec: TrialSpec, dataset: Dataset | None) -> None:
@@ -170,12 +180,14 @@ class Trial:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = opt_cls(params, lr=r.lr, weight_decay=r.weight_decay, **fused)
 
-    def _forward(self):
+    def _forward(self, threads: int | None):
         """What the steps call: the model, or its head alone on cached features; compiled when asked.
         self.model stays the plain module, so its state_dict keys and checkpoints do not change with compile."""
         fwd = self.model.forward_head if self.feature_cache == CACHE_ON else self.model
         if not self.compile:
             return fwd
+        if threads:
+            bound_compile_workers(int(threads))
         return torch.compile(fwd)
 
     # --- RNG state: checkpoints save it, the compile warm-up puts it back ---
