@@ -17,7 +17,7 @@ An experiment file is plain YAML:
       - {family: vit, patch: 4, dim: 64, depth: 2, heads: 2, mlp_ratio: 2}
       - {grid: {family: vit, patch: [4, 8], dim: [256, 512]}} # every combination
       - {name: swin-tiny-ft, recipe: {epochs: 3}}
-      - {name: resnet18-cifar, precision: [fp32, bf16]}      # one trial per precision (named -fp32, -bf16)
+      - {name: resnet18-cifar, precision: [fp32, bf16]}       # one trial each, named -fp32 and -bf16
 
 Errors name the file, the entry and the field.
 """
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from raybench.configs import (FAMILIES, PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig, TrialSpec,
-                              default_recipe, model_from_dict, parse_model_name)
+from raybench.configs import (FAMILIES, PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig,
+                              TrialSpec, default_recipe, model_from_dict, parse_model_name)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds", "epochs", "recipe", "resources",
