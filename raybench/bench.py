@@ -2,12 +2,14 @@
 
     python -m raybench.bench                                   # default models on CPU (and CUDA where present)
     python -m raybench.bench --device cuda --repeats 5 --compile
+    python -m raybench.bench --precision fp32,bf16             # both precisions side by side, ratio in one run
     python -m raybench.bench --grid-overhead                   # + what Ray scheduling costs on the smoke grid
     python -m raybench.bench --study seed                      # CUDA: one epoch of every seed trial, CIFAR-100 size
 
 raybench's side is `raybench.train.Trial`, the object the grid runs (device-resident uint8 data, batched
-augmentation, bf16 autocast and fused Adam on CUDA, the frozen-backbone feature cache, optional compile). The
-reference is the loop the study's first numbers came from, written the common way: a torchvision-style
+augmentation, bf16 autocast where the device computes bf16 natively (`--precision`), fused Adam on CUDA, the
+frozen-backbone feature cache, optional compile). The reference is the loop the study's first numbers came
+from, written the common way: a torchvision-style
 dataset over the same uint8 images as a HWC numpy array, a PIL image and `ToTensor`/`Normalize` (and `Resize`
 where the model needs it) per sample, a `DataLoader`, fp32, plain Adam, `loss.item()` every step. Same model,
 same batch, same images. Weights are random where pretrained ones would need a download: throughput does not
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (SWIN_ARCHS, SWIN_MICRO, ConfigError, DataSpec, ModelConfig, ResNetConfig, SwinConfig,
-                              TrialSpec, default_recipe, parse_model_name)
+from raybench.configs import (PRECISIONS, SWIN_ARCHS, SWIN_MICRO, ConfigError, DataSpec, ModelConfig, ResNetConfig,
+                              SwinConfig, TrialSpec, default_recipe, parse_model_name)
 from raybench.data import CIFAR_TEST, CIFAR_TRAIN, Dataset, synthetic
 from raybench.records import TIME_COLUMNS, machine_info
 
@@ -61,14 +64,14 @@ def timing_config(cfg: ModelConfig) -> ModelConfig:
     """The same architecture with weights that need no download (random where pretrained ones would be)."""
     if isinstance(cfg, ResNetConfig) and cfg.pretrained:
         return dataclasses.replace(cfg, pretrained=False)
-    if isinstance(cfg, SwinConfig) and cfg.finetune and cfg.checkpoint in SWIN_ARCHS and cfg.checkpoint != SWIN_MICRO:
+    if isinstance(cfg, SwinConfig) and cfg.frozen_backbone and cfg.checkpoint in SWIN_ARCHS and cfg.checkpoint != SWIN_MICRO:
         from raybench.models.swin import random_checkpoint
         return dataclasses.replace(cfg, checkpoint=random_checkpoint(cfg.checkpoint))
     return cfg
 
 
 def bench_spec(name: str | TrialSpec, images: int, test_images: int, batch_size: int | None,
-               compile: bool = False) -> TrialSpec:
+               compile: bool = False, precision: str = "auto") -> TrialSpec:
     """One epoch of a model name (seed recipe) or of an experiment's trial (its own model and recipe)."""
     if isinstance(name, TrialSpec):
         cfg, recipe = timing_config(name.model), name.recipe
@@ -78,12 +81,29 @@ def bench_spec(name: str | TrialSpec, images: int, test_images: int, batch_size:
     if batch_size:
         recipe = dataclasses.replace(recipe, batch_size=batch_size)
     return TrialSpec(cfg, dataclasses.replace(recipe, epochs=1), DataSpec("synthetic", None, images, test_images),
-                     compile=compile)
+                     compile=compile, precision=precision)
 
 
 def subset(data: Dataset, n: int, n_test: int) -> Dataset:
     return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
                                test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
+
+
+def warm_up_sizes(n: int, n_test: int, batch_size: int, warmup_batches: int) -> tuple[int, int]:
+    """Training and test images of the throwaway warm-up Trial: a few full batches and a short last one, so its
+    compile covers every graph a real trial compiles (CIFAR-100's 50,000 images end on a short batch of 16 at
+    batch 64). The short batch has the timed set's size where that set has one, else CIFAR-100's."""
+    from raybench.train import EVAL_BATCH
+
+    def size(n, batch, full_batches, short):
+        k = min(full_batches, (n - short) // batch)
+        return k * batch + short if k >= 1 else n  # a set too small for both shapes is taken whole
+
+    short = n % batch_size or CIFAR_TRAIN % batch_size or batch_size // 2
+    short_test = n_test % EVAL_BATCH or CIFAR_TEST % EVAL_BATCH or EVAL_BATCH // 2
+    # >= 256 training images: the feature pass runs at batch 256 on CUDA
+    return (size(n, batch_size, max(warmup_batches, math.ceil(256 / batch_size)), short),
+            size(n_test, EVAL_BATCH, 1, short_test))
 
 
 def sync(device: torch.device) -> None:
@@ -163,7 +183,8 @@ def raybench_epoch(spec: TrialSpec, data: Dataset, device: str, threads: int | N
 def measure_model(name: str, data: Dataset, device: str, args, repeats: int, bench: str = "throughput",
                   trial: TrialSpec | None = None) -> list[dict]:
     """Timed epochs of the reference loop and of raybench's Trial for one model (an experiment's `trial`, when
-    given) on one device: one row each."""
+    given) on one device, raybench's at each of `args.precision`'s settings: one row each."""
+    from raybench.train import resolve_precision
     dev = torch.device(device)
     n, n_test = len(data.train_y), len(data.test_y)
     spec = bench_spec(trial or name, n, n_test, args.batch_size)
@@ -176,12 +197,11 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
             else "cpu", "model": name, "batch_size": B, "images": n, "threads": torch.get_num_threads()}
     rows = []
 
-    def row(loop, repeat, seconds, **extra):
+    def row(loop, repeat, seconds, precision, **extra):
         rows.append({**base, "loop": loop, "repeat": repeat, "epoch_time_s": seconds, "images_per_s": n / seconds,
                      "workers": workers if loop in (LOOP_REFERENCE, LOOP_REFERENCE_AMP) else 0,
-                     "precision": "bf16-autocast" if dev.type == "cuda" and loop != LOOP_REFERENCE else "fp32",
-                     "cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0, "feature_cache": "",
-                     "error": "", **extra})
+                     "precision": precision, "cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0,
+                     "feature_cache": "", "error": "", **extra})
 
     # Reference: one DataLoader and model for all repeats, warmed on a few batches.
     ref = ReferenceLoop(spec, data, dev, workers)
@@ -191,40 +211,45 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
         ref_bf16.epoch(max_batches=args.warmup_batches)
     # raybench: a throwaway Trial on a few batches warms kernels and allocators (the feature pass's batch of
     # 256 too); each repeat then times the first epoch of a fresh Trial, as the Trial itself times it.
-    variants = [(LOOP_RAYBENCH, dataclasses.replace(spec, compile=False))]
-    variants += [(LOOP_COMPILE, dataclasses.replace(spec, compile=True))] if args.compile else []
-    warm = subset(data, min(n, max(args.warmup_batches * B, 256)), min(n_test, 256))
+    # Settings are resolved first, so "auto,fp32" where auto means fp32 times one variant, not two alike.
+    precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision.split(",")))
+    variants = [(LOOP_RAYBENCH, dataclasses.replace(spec, compile=False, precision=p)) for p in precisions]
+    variants += ([(LOOP_COMPILE, dataclasses.replace(spec, compile=True, precision=p)) for p in precisions]
+                 if args.compile else [])
+    warm = subset(data, *warm_up_sizes(n, n_test, B, args.warmup_batches))
     # The warm-up Trial compiles from a cold cache: its compile time is the one a grid trial pays (each
     # trial is a fresh process); later Trials here reuse the compiled code and pay only recompiles.
-    cold = {loop: raybench_epoch(s, warm, device, threads)["compile_time_s"] for loop, s in variants}
+    cold = {(loop, s.precision): raybench_epoch(s, warm, device, threads)["compile_time_s"] for loop, s in variants}
     # Repeats interleave the loops, so a change in the machine's load falls on all of them alike.
     for r in range(repeats):
         seen, dt = ref.epoch()
         assert seen == n
-        row(LOOP_REFERENCE, r, dt)
+        row(LOOP_REFERENCE, r, dt, "fp32")
         if ref_bf16:
-            row(LOOP_REFERENCE_AMP, r, ref_bf16.epoch()[1])
+            row(LOOP_REFERENCE_AMP, r, ref_bf16.epoch()[1], "bf16")
         for loop, s in variants:
             rec = raybench_epoch(s, data, device, threads)
             extra = dict(cache_time_s=rec["cache_time_s"], compile_time_s=rec["compile_time_s"],
-                         compile_cold_s=cold[loop], feature_cache=rec["feature_cache"])
-            row(loop, r, rec["train_time_s"] + rec["cache_time_s"], **extra)
+                         compile_cold_s=cold[loop, s.precision], feature_cache=rec["feature_cache"])
+            row(loop, r, rec["train_time_s"] + rec["cache_time_s"], rec["precision"], **extra)
             if loop == LOOP_RAYBENCH and rec["cache_time_s"] > 0:
-                row(LOOP_HEAD, r, rec["train_time_s"], **extra)
+                row(LOOP_HEAD, r, rec["train_time_s"], rec["precision"], **extra)
     return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Median, min and max per (bench, device, model, loop), and the ratio to the reference's median."""
+    """Median, min and max per (bench, device, model, loop, precision), the ratio to the reference's median and,
+    for bf16, the ratio to the same loop's fp32 median (reference-bf16: to the reference's)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r["error"]:
-            groups.setdefault((r["bench"], r["device"], r["model"], r["loop"]), []).append(r)
+            groups.setdefault((r["bench"], r["device"], r["model"], r["loop"], r["precision"]), []).append(r)
     out = []
-    for (bench, device, model, loop), rs in groups.items():
+    for (bench, device, model, loop, precision), rs in groups.items():
         ips = [r["images_per_s"] for r in rs]
         out.append({"bench": bench, "device": device, "device_name": rs[0]["device_name"], "model": model,
-                    "loop": loop, "n": len(rs), "batch_size": rs[0]["batch_size"], "images": rs[0]["images"],
+                    "loop": loop, "precision": precision, "n": len(rs), "batch_size": rs[0]["batch_size"],
+                    "images": rs[0]["images"],
                     "images_per_s_median": statistics.median(ips), "images_per_s_min": min(ips),
                     "images_per_s_max": max(ips),
                     "epoch_time_s_median": statistics.median(r["epoch_time_s"] for r in rs),
@@ -233,9 +258,14 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "compile_cold_s": rs[0]["compile_cold_s"],
                     "feature_cache": rs[0]["feature_cache"]})
     ref = {(s["bench"], s["device"], s["model"]): s["images_per_s_median"] for s in out if s["loop"] == LOOP_REFERENCE}
+    medians = {(s["bench"], s["device"], s["model"], s["loop"], s["precision"]): s["images_per_s_median"] for s in out}
     for s in out:
         base = ref.get((s["bench"], s["device"], s["model"]))
         s["ratio_to_reference"] = s["images_per_s_median"] / base if base else None
+        fp32 = (medians.get((s["bench"], s["device"], s["model"],
+                             LOOP_REFERENCE if s["loop"] == LOOP_REFERENCE_AMP else s["loop"], "fp32"))
+                if s["precision"] == "bf16" else None)
+        s["ratio_to_fp32"] = s["images_per_s_median"] / fp32 if fp32 else None
     return out
 
 
@@ -334,18 +364,20 @@ def markdown(result: dict) -> str:
     summ = result["summary"]
     for bench in dict.fromkeys(s["bench"] for s in summ):
         lines += [f"## {'Training throughput' if bench == 'throughput' else 'Study ' + bench + ': one epoch'}", "",
-                  "images/s: median (min-max) over n timed epochs; ratio: the loop's median over the reference's.", "",
-                  "| device | model | batch | images | loop | n | images/s | epoch s | feature pass s "
-                  "| compile s (cold / per Trial) | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "images/s: median (min-max) over n timed epochs; ratio: the loop's median over the reference's "
+                  "(fp32); bf16/fp32: a bf16 row's median over the same loop's fp32 median, in this run.", "",
+                  "| device | model | batch | images | loop | precision | n | images/s | epoch s | feature pass s "
+                  "| compile s (cold / per Trial) | ratio | bf16/fp32 |", "|---" * 13 + "|"]
         for s in summ:
             if s["bench"] != bench:
                 continue
             ratio = "" if s["ratio_to_reference"] is None else f"{s['ratio_to_reference']:.1f}x"
+            vs_fp32 = "" if s.get("ratio_to_fp32") is None else f"{s['ratio_to_fp32']:.2f}x"
             comp = f"{s['compile_cold_s']:.1f} / {s['compile_time_s_median']:.2f}" if s["loop"] == LOOP_COMPILE else ""
             cache = f"{s['cache_time_s_median']:.2f}" if s["cache_time_s_median"] else ""
             lines.append(f"| {s['device_name']} | {s['model']} | {s['batch_size']} | {s['images']} | {s['loop']} | "
-                         f"{s['n']} | {_fmt_ips(s)} | {s['epoch_time_s_median']:.2f} | "
-                         f"{cache} | {comp} | {ratio} |")
+                         f"{s['precision']} | {s['n']} | {_fmt_ips(s)} | {s['epoch_time_s_median']:.2f} | "
+                         f"{cache} | {comp} | {ratio} | {vs_fp32} |")
         present = {s["loop"] for s in summ if s["bench"] == bench}
         lines += [""] + [f"- `{k}`: {v}" for k, v in LOOP_NOTES.items() if k in present] + [""]
     errors = [r for r in result["rows"] if r["error"]]
@@ -396,6 +428,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU torch threads for both loops (default: torch's default)")
     p.add_argument("--warmup-batches", type=int, default=3, help="warm-up batches before timing (default: 3)")
     p.add_argument("--compile", action="store_true", help="also time raybench with torch.compile (default: off)")
+    p.add_argument("--precision", default="auto",
+                   help="raybench's precision, or a comma-separated list timed side by side in this run: auto (bf16 "
+                        "where the device computes it natively, else fp32), bf16, fp32 (default: auto)")
     p.add_argument("--grid-overhead", action="store_true",
                    help="also time the grid against its trials' own time and against running them without Ray")
     p.add_argument("--grid-experiment", default="smoke", help="experiment for --grid-overhead (default: smoke)")
@@ -438,6 +473,10 @@ def main(argv=None) -> int:
             v = getattr(args, flag)
             if v is not None and v < 1:
                 raise ValueError(f"--{flag.replace('_', '-')}={v}: must be >= 1")
+        bad = [p for p in args.precision.split(",") if p not in PRECISIONS]
+        if bad or not args.precision:
+            raise ValueError(f"--precision {args.precision}: {', '.join(map(repr, bad)) or 'empty'}; accepted: "
+                             f"{', '.join(PRECISIONS)}, or a comma-separated list of them")
         if args.study:
             if not torch.cuda.is_available():
                 raise ValueError(f"--study {args.study} needs CUDA: it times the study's full-size trials on a GPU, "
@@ -484,8 +523,9 @@ def main(argv=None) -> int:
             result["rows"] += rows
             for s in summarise(rows):
                 ratio = "" if s["ratio_to_reference"] is None else f"  {s['ratio_to_reference']:.1f}x reference"
-                print(f"[bench]   {s['loop']:<17} {_fmt_ips(s):>28} img/s  epoch {s['epoch_time_s_median']:.2f}s"
-                      f"{ratio}", flush=True)
+                ratio += "" if s["ratio_to_fp32"] is None else f", {s['ratio_to_fp32']:.2f}x fp32"
+                print(f"[bench]   {s['loop']:<17} {s['precision']:<5} {_fmt_ips(s):>28} img/s  epoch "
+                      f"{s['epoch_time_s_median']:.2f}s{ratio}", flush=True)
     result["summary"] = summarise(result["rows"])
     if args.grid_overhead:
         try:

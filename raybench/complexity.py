@@ -148,7 +148,7 @@ def swin_complexity(c: SwinConfig) -> Complexity:
     params += 2 * C + head  # final LayerNorm + classifier
     macs["head"] = C * c.num_classes
     flops = {k: 2 * v for k, v in macs.items()}
-    return Complexity(c.name, params, head if c.finetune else params, sum(flops.values()), S, flops)
+    return Complexity(c.name, params, head if c.frozen_backbone else params, sum(flops.values()), S, flops)
 
 
 # --- any other model: counted on the built model ------------------------------------------------------------

@@ -101,6 +101,10 @@ class ViTConfig:
                 + (f"-{self.image_size}" if self.image_size != 32 else ""))
 
     @property
+    def frozen_backbone(self) -> bool:
+        return False
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.dim)
 
@@ -134,6 +138,10 @@ class ResNetConfig:
         return (f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
                 + (f"-{self.image_size}" if self.image_size != usual else ""))
 
+    @property
+    def frozen_backbone(self) -> bool:
+        return False  # a pretrained ResNet-18 fine-tunes every layer
+
 
 @dataclass(frozen=True)
 class SwinConfig:
@@ -163,6 +171,10 @@ class SwinConfig:
     @property
     def name(self) -> str:
         return f"swin-{self.short}-" + ("ft" if self.finetune else "scratch")
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.finetune
 
 
 def _is_model_folder(path: str) -> bool:
@@ -335,6 +347,9 @@ class PyConfig:
         return self.finetune
 
 
+# Every model config has `name`, `num_classes` and `frozen_backbone`: True when only a new head trains on a
+# backbone that never changes. The trainer's feature cache, the GPU share's compute term and the trainable
+# parameter count all follow that one property, so a new family declares it once.
 ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig, TorchvisionConfig, HFConfig, PyConfig]
 FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig, "torchvision": TorchvisionConfig,
             "hf": HFConfig, "py": PyConfig}
@@ -412,6 +427,11 @@ class DataSpec:
                               "(a folder with train/<class>/* and test/<class>/*)")
 
 
+# Training precision: "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively (a CUDA GPU
+# with bf16, a CPU with AVX-512-BF16 or AMX), fp32 elsewhere. raybench.train.resolve_precision decides per device.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """Everything one trial needs; travels through Ray's param_space as a plain dict (`to_dict`)."""
@@ -421,26 +441,30 @@ class TrialSpec:
     seed: int = 0
     multi_seed: bool = False  # the experiment repeats trials over seeds: put the seed in the name
     compile: bool = False  # torch.compile the model (compile time is reported apart from epoch time)
+    precision: str = "auto"  # one of PRECISIONS; the record says which one the device resolved it to
 
     def __post_init__(self):
         _whole(self, "seed")
         _flag(self, "multi_seed", "compile")
+        _choice(self, "precision", set(PRECISIONS))
 
     @property
     def name(self) -> str:
-        return f"{self.model.name}-{self.recipe.name}" + (f"-s{self.seed}" if self.multi_seed else "")
+        # a precision set away from auto joins the name, so a sweep over precisions names every trial
+        return (f"{self.model.name}-{self.recipe.name}" + (f"-{self.precision}" if self.precision != "auto" else "")
+                + (f"-s{self.seed}" if self.multi_seed else ""))
 
     def to_dict(self) -> dict:
         return {"family": self.model.family, "model": dataclasses.asdict(self.model),
                 "recipe": {**dataclasses.asdict(self.recipe), "augment": list(self.recipe.augment)},
                 "data": dataclasses.asdict(self.data), "seed": self.seed, "multi_seed": self.multi_seed,
-                "compile": self.compile}
+                "compile": self.compile, "precision": self.precision}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
         return cls(model=model_from_dict(d["family"], d["model"]), recipe=Recipe(**d["recipe"]),
                    data=DataSpec(**d["data"]), seed=d["seed"], multi_seed=d.get("multi_seed", False),
-                   compile=d.get("compile", False))
+                   compile=d.get("compile", False), precision=d.get("precision", "auto"))
 
 
 def model_from_dict(family: str, fields: dict) -> ModelConfig:

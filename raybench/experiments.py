@@ -10,6 +10,7 @@ An experiment file is plain YAML:
     epochs: 30                       # optional: overrides the recipes' epochs (Swin keeps its own unless set there)
     recipe: {batch_size: 64}         # optional: overrides applied to every recipe
     resources: {cpu: 1}              # optional: per-trial resources for every trial (gpu: a fraction)
+    precision: auto                  # optional: auto (bf16 where the device has it natively), bf16 or fp32
     models:
       - vit-p8-e256-l4-h2-m2                                  # a model name
       - {name: resnet18-cifar, resources: {gpu: 0.5}}         # a name with per-model settings
@@ -19,6 +20,7 @@ An experiment file is plain YAML:
       - {name: "torchvision:convnext_tiny", pretrained: true}   # any torchvision classifier (image_size: ...)
       - {name: "hf:facebook/deit-tiny-patch16-224", finetune: true}  # any HF image classifier (or scratch: true)
       - {name: "py:mymodels:small_cnn", kwargs: {width: 64}}    # your own: mymodels.py beside this file
+      - {name: resnet18-cifar, precision: [fp32, bf16]}       # one trial each, named -fp32 and -bf16
 
 Errors name the file, the entry and the field.
 """
@@ -31,13 +33,14 @@ from pathlib import Path
 
 import yaml
 
-from raybench.configs import (FAMILIES, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig, TrialSpec,
-                              default_recipe, model_from_dict, model_from_name, parse_model_name)
+from raybench.configs import (FAMILIES, PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, SwinConfig,
+                              TrialSpec, default_recipe, model_from_dict, model_from_name, parse_model_name)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds", "epochs", "recipe", "resources",
-            "models"}
-ENTRY_KEYS = {"name", "family", "grid", "recipe", "resources", "epochs"}
+            "precision", "models"}
+TRIAL_KEYS = {"recipe", "resources", "epochs", "precision"}  # how an entry's models train, beside what they are
+ENTRY_KEYS = {"name", "family", "grid"} | TRIAL_KEYS
 MODEL_FIELDS = {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)} - {"num_classes"}
 RESOURCE_KEYS = {"cpu", "gpu"}
 
@@ -112,7 +115,7 @@ def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[Mode
     if "grid" in entry:
         if not isinstance(entry["grid"], dict):
             raise ExperimentError(f"{where}: grid={entry['grid']!r} must be a mapping of field -> list of values")
-        beside = sorted(set(entry) - {"grid", "recipe", "resources", "epochs"})  # what describes the model
+        beside = sorted(set(entry) - {"grid"} - TRIAL_KEYS)  # what describes the model
         if beside:
             raise ExperimentError(f"{where}: {beside} beside grid: put model fields (and family) inside grid, "
                                   "as lists or single values")
@@ -142,6 +145,15 @@ def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[Mode
     return [model_from_dict(family, _located(family, {"num_classes": num_classes, **fields}, folder))]
 
 
+def _precisions(where: str, p) -> list[str]:
+    """A precision or a list of them (a sweep: one trial each)."""
+    values = p if isinstance(p, list) else [p]
+    bad = [v for v in values if v not in PRECISIONS]
+    if bad or not values:
+        raise ExperimentError(f"{where}: precision={p!r} must be one of {list(PRECISIONS)} or a list of them")
+    return values
+
+
 def _recipe(where: str, name: str, model: ModelConfig, overrides: dict, epochs: int | None) -> Recipe:
     r = default_recipe(name, model)
     known = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
@@ -153,7 +165,8 @@ def _recipe(where: str, name: str, model: ModelConfig, overrides: dict, epochs: 
 
 def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: str | None = None,
                     data_dir: str | None = None, seeds: list[int] | None = None,
-                    train_size: int | None = None, test_size: int | None = None) -> Experiment:
+                    train_size: int | None = None, test_size: int | None = None,
+                    precision: str | None = None) -> Experiment:
     """Read and validate an experiment; the keyword arguments are the CLI's overrides."""
     path = resolve_path(name_or_path)
     try:
@@ -163,7 +176,7 @@ def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: st
     if not isinstance(doc, dict):
         raise ExperimentError(f"{path}: expected a mapping with a 'models' list")
     try:
-        return _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size)
+        return _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, precision)
     except ExperimentError:
         raise
     except ConfigError as e:
@@ -173,7 +186,7 @@ def load_experiment(name_or_path: str, *, epochs: int | None = None, dataset: st
                               "at the top of raybench/experiments.py") from None
 
 
-def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -> Experiment:
+def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, precision) -> Experiment:
     from raybench.models import check_model  # torch: only once a file is read
     _check_keys(str(path), doc, TOP_KEYS)
     if not doc.get("models"):
@@ -206,6 +219,9 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
     if not isinstance(recipes, list) or not recipes:
         raise ExperimentError(f"{path}: recipes={recipes!r} must be a list such as [seed, improved]")
     top_res = _resources(f"{path}", doc.get("resources"))
+    if precision is not None:  # the CLI's --precision wins over the file's, as --epochs does
+        _precisions(f"{path} (override)", precision)
+    top_precision = _precisions(f"{path}", doc.get("precision", "auto"))
 
     trials, resources = [], {}
     for i, entry in enumerate(doc["models"]):
@@ -225,6 +241,8 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
             raise ExperimentError(f"{where}: recipe={entry_recipe!r} must be a mapping of recipe fields")
         entry_epochs = entry.get("epochs") if isinstance(entry, dict) else None
         entry_res = _resources(where, entry.get("resources") if isinstance(entry, dict) else None)
+        entry_precision = (_precisions(where, entry["precision"]) if isinstance(entry, dict) and "precision" in entry
+                           else top_precision)
         for model in models:
             for rname in recipes:
                 # --epochs wins; then the entry's; Swin keeps the study's 3 epochs over the file-wide value.
@@ -235,8 +253,8 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size) -
                     recipe = _recipe(where, rname, model, {**top_recipe, **entry_recipe}, ep)
                 except ConfigError as e:
                     raise ExperimentError(f"{where}: {e}") from None
-                for seed in seed_list:
-                    spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1)
+                for seed, prec in itertools.product(seed_list, [precision] if precision else entry_precision):
+                    spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1, precision=prec)
                     if any(t.name == spec.name for t in trials):
                         raise ExperimentError(
                             f"{where}: trial {spec.name!r} appears twice (a model listed twice, or two Swin "

@@ -51,6 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every trial's model; compile time is recorded apart from epoch time "
                         "(default: off)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="every trial's precision: auto is bf16 autocast where the device computes bf16 natively "
+                        "(a CUDA GPU with bf16, a CPU with AVX-512-BF16 or AMX), else fp32 (default: the "
+                        "experiment's, else auto)")
     p.add_argument("--results-dir", default="results", help="where run folders go (default: results)")
     p.add_argument("--name", help="run name, the folder under --results-dir (default: <experiment>-<time>)")
     p.add_argument("--resume", action="store_true",

@@ -247,7 +247,8 @@ def _gpus(settings: dict, address: str | None) -> float:
 
 def _experiment(args, settings: dict) -> Experiment:
     exp = load_experiment(args.experiment, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir,
-                          seeds=parse_seeds(args.seeds), train_size=args.train_size, test_size=args.test_size)
+                          seeds=parse_seeds(args.seeds), train_size=args.train_size, test_size=args.test_size,
+                          precision=args.precision)
     exp = select(exp, args.only)
     if args.compile:
         exp = dataclasses.replace(exp, trials=[dataclasses.replace(t, compile=True) for t in exp.trials])

@@ -56,10 +56,6 @@ def input_side(spec: TrialSpec) -> int:
     return complexity(spec.model).input_size
 
 
-def frozen_backbone(cfg) -> bool:  # TODO(merge): the configs' own property
-    return bool(getattr(cfg, "frozen_backbone", getattr(cfg, "finetune", False)))
-
-
 def feature_dim(cfg) -> int:
     """Values per image a frozen backbone's feature cache holds (raybench.complexity.feature_dim)."""
     from raybench.complexity import feature_dim as dim
@@ -129,7 +125,7 @@ def step_flops(spec: TrialSpec) -> float:
     b = spec.recipe.batch_size
     if caches_features(spec):
         return 3 * 2 * feature_dim(spec.model) * spec.model.num_classes * b
-    passes = 1 if frozen_backbone(spec.model) else 3
+    passes = 1 if spec.model.frozen_backbone else 3
     return passes * complexity(spec.model).flops * b
 
 

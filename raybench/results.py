@@ -31,8 +31,8 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "heads": m.heads if isinstance(m, ViTConfig) else None,
             "mlp_ratio": float(m.mlp_ratio) if isinstance(m, ViTConfig) else None,
             "stem": m.stem if isinstance(m, ResNetConfig) else None,
-            "pretrained": bool(getattr(m, "pretrained", False) or getattr(m, "finetune", False)),
-            "finetune": bool(getattr(m, "finetune", False)),  # a frozen backbone (Swin, hf:, py: models)
+            "pretrained": bool(getattr(m, "pretrained", False) or m.frozen_backbone),
+            "finetune": m.frozen_backbone,
             "params": cx.params, "trainable_params": cx.trainable_params, "flops": float(cx.flops),
             "flops_source": cx.flops_source,
             "gflops": cx.gflops, "image_size": cx.input_size,
@@ -41,7 +41,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
             # every attempt's share, in order: an out-of-memory trial is re-queued with twice its share
             "gpu_shares": f"{float(resources[s.name]['gpu']):g}",
-            "device": "", "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
+            "device": "", "precision": s.precision, "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
             "total_time_s": math.nan, **ver, "git_commit": commit})
@@ -96,6 +96,8 @@ class ResultsWriter(tune.Callback):
                           best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
                           mean_epoch_time_s=float(s.mean_epoch_time_s), total_time_s=float(s.total_time_s),
                           device=str(ep.device.iloc[-1]))
+            if "precision" in ep and isinstance(ep.precision.iloc[-1], str):  # epochs written before it lack it
+                fields["precision"] = ep.precision.iloc[-1]  # the setting as the device resolved it
         for k, v in fields.items():
             trials.loc[i, k] = v
         write_atomic(trials, self.trials_path)

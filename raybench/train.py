@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (ConfigError, DataSpec, Recipe, SwinConfig, TrialSpec, add_model_args,
+from raybench.configs import (PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, add_model_args,
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
@@ -43,7 +44,7 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float
 def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
     """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
     to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
-    if not (spec.model.family == "swin" and getattr(spec.model, "finetune", False)):
+    if not spec.model.frozen_backbone:
         return CACHE_OFF_NOT_FROZEN
     if spec.recipe.augment:
         return CACHE_OFF_AUGMENT
@@ -74,6 +75,50 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware, as torch reads it: a CUDA GPU that supports it without
+    emulation; an x86 CPU with AVX-512-BF16 or AMX-BF16 (torch.cpu.get_capabilities, else /proc/cpuinfo's
+    flags on a torch without it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    try:
+        flags = next(l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"bf16" (autocast) or "fp32" for a requested setting on a device: "auto" is bf16 where the device computes
+    it natively and fp32 elsewhere (emulated bf16 is slower than fp32); "bf16"/"fp32" are taken as asked."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: must be one of {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
+def uses_channels_last(cfg: ModelConfig) -> bool:
+    """cuDNN and oneDNN convolutions both run faster in NHWC; the transformers' linears do not care."""
+    return cfg.family == "resnet"
+
+
+def bound_compile_workers(threads: int) -> None:
+    """Inductor compiles in a pool of min(32, host CPUs) worker processes, whatever Ray gave the trial: bound it
+    to the trial's CPUs (or lower, where TORCHINDUCTOR_COMPILE_THREADS says so). Read when the pool starts, at
+    the first compile in the process: a Ray trial is a fresh process, so it holds there."""
+    from torch._inductor import config
+    env = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    config.compile_threads = min(threads, int(env)) if env else threads
+
+
 class Trial:
     """Model, data, optimiser and RNG state of one trial; `epochs()` trains and yields a record per epoch.
 
@@ -82,62 +127,92 @@ class Trial:
 
     def __init__(self, spec: TrialSpec, device: str | None = None, threads: int | None = None,
                  dataset: Dataset | None = None, feature_cache: bool = True, compile: bool | None = None):
-        from raybench.models import build_model
-        self.recipe = spec.recipe
         self.device = pick_device(device)
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads}: must be >= 1")
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))  # packed CPU trials must not fight over cores
+        self._load_data(spec, dataset)
+        self.recipe = self.spec.recipe
+        self.precision = resolve_precision(self.spec.precision, self.device)  # "bf16" or "fp32"
+        self.channels_last = uses_channels_last(self.spec.model)
+        self._seed_rng()
+        self._build_model()
+        self._build_optimiser()
+        self.steps_per_epoch = math.ceil(len(self.data.train_y) / self.recipe.batch_size)
+        self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
+        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
+        # Cached: the training steps and evaluation run the head on stored backbone features.
+        self.feature_cache = feature_cache_mode(self.spec, feature_cache)
+        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
+        self.compile = self.spec.compile if compile is None else bool(compile)  # the record's `compiled`
+        self.warmed_up = False  # the compile warm-up ran: every input shape of an epoch has its graph
+        self.forward = self._forward(threads)
+
+    # --- the steps of __init__, in the order they run ---
+    def _load_data(self, spec: TrialSpec, dataset: Dataset | None) -> None:
         from raybench.resources import input_side  # an image folder loads at the model's own input side
         data = dataset or load_dataset(spec.data, spec.model.num_classes, input_side(spec))
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))
         self.spec = spec
-        torch.manual_seed(spec.seed)
-        self.model = build_model(spec.model).to(self.device)
-        if spec.model.family == "resnet":  # cuDNN and oneDNN convolutions both run faster in NHWC
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data_mean_std = data.mean_std
         self.data = data.to(self.device)
-        mean, std = data.mean_std
+
+    def _seed_rng(self) -> None:
+        torch.manual_seed(self.spec.seed)  # the model's initial weights
+        self.gen = torch.Generator(device=self.device).manual_seed(self.spec.seed)  # shuffles, augmentation
+
+    def _build_model(self) -> None:
+        from raybench.models import build_model
+        self.model = build_model(self.spec.model).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        mean, std = self.data_mean_std
         if self.model.mean is not None:  # pretrained weights expect their own statistics
             mean, std = torch.tensor(self.model.mean), torch.tensor(self.model.std)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
         self.input_size = self.model.input_size
+
+    def _build_optimiser(self) -> None:
+        r = self.recipe
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt_cls = torch.optim.AdamW if self.recipe.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = opt_cls(params, lr=self.recipe.lr, weight_decay=self.recipe.weight_decay, **fused)
-        self.gen = torch.Generator(device=self.device).manual_seed(spec.seed)
-        self.steps_per_epoch = math.ceil(len(data.train_y) / self.recipe.batch_size)
-        self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
-        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
-        # Cached: the training steps and evaluation run the head on stored backbone features.
-        self.feature_cache = feature_cache_mode(spec, feature_cache)
-        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
-        self.compile = spec.compile if compile is None else bool(compile)
-        self.compiled = False  # warm-up done: every input shape of an epoch has its compiled graph
+        self.opt = opt_cls(params, lr=r.lr, weight_decay=r.weight_decay, **fused)
+
+    def _forward(self, threads: int | None):
+        """What the steps call: the model, or its head alone on cached features; compiled when asked.
+        self.model stays the plain module, so its state_dict keys and checkpoints do not change with compile."""
         fwd = self.model.forward_head if self.feature_cache == CACHE_ON else self.model
-        # self.model stays the plain module: its state_dict keys and checkpoints do not change with compile.
-        self.forward = torch.compile(fwd) if self.compile else fwd
+        if not self.compile:
+            return fwd
+        if threads:
+            bound_compile_workers(int(threads))
+        return torch.compile(fwd)
+
+    # --- RNG state: checkpoints save it, the compile warm-up puts it back ---
+    def _rng_state(self) -> dict:
+        return {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def _set_rng_state(self, s: dict) -> None:
+        self.gen.set_state(s["gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if s.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
 
     # --- checkpoints (plain tensors and numbers: they load with weights_only=True) ---
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
-                "step": self.step, "status": self.status, "gen": self.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "spec": self.spec.to_dict()}
+                "step": self.step, "status": self.status, **self._rng_state(), "spec": self.spec.to_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
         self.status = s.get("status", STATUS_OK if self.epoch >= self.recipe.epochs else STATUS_RUNNING)
-        self.gen.set_state(s["gen"])
-        torch.set_rng_state(s["torch_rng"])
-        if s.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
+        self._set_rng_state(s)
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
@@ -146,15 +221,18 @@ class Trial:
         # On the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest to the device.
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    # --- one epoch ---
+    # --- the pieces of an epoch ---
+    def _sync(self):
+        """Wait for the device: the only CPU-GPU sync points besides the once-per-epoch `.item()` reads."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _batch(self, x, augment=()):
         x = prepare(x, self.mean, self.std, self.input_size, augment, self.gen)
-        if self.spec.model.family == "resnet":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _train_inputs(self, idx):
         if self.features is not None:
@@ -163,10 +241,6 @@ class Trial:
 
     def _test_inputs(self, s: int, e: int):
         return self.features[1][s:e] if self.features is not None else self._batch(self.data.test_x[s:e])
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def cache_features(self) -> float:
@@ -196,8 +270,7 @@ class Trial:
         statistics) restored, so the run trains exactly as if the warm-up had not happened. The time
         returned is compilation plus the compute of these few passes (a few steps' worth)."""
         d, B = self.data, self.recipe.batch_size
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng = self._rng_state()
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         self._sync()
         t0 = time.perf_counter()
@@ -219,10 +292,8 @@ class Trial:
         with torch.no_grad():
             for k, v in self.model.named_buffers():
                 v.copy_(buffers[k])
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, self.device)
-        self.compiled = True
+        self._set_rng_state(rng)
+        self.warmed_up = True
         return dt
 
     def train_epoch(self) -> dict:
@@ -231,8 +302,7 @@ class Trial:
         total_steps = self.steps_per_epoch * r.epochs
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         t0 = time.perf_counter()
         for idx in epoch_indices(len(d.train_y), r.batch_size, self.gen, self.device):
             lr = lr_at(self.step, total_steps, self.steps_per_epoch, r)
@@ -248,8 +318,7 @@ class Trial:
             self.step += 1
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         dt = time.perf_counter() - t0
         n = len(d.train_y)
         return {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "train_time_s": dt,
@@ -268,10 +337,11 @@ class Trial:
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         n = len(d.test_y)
-        out = {"test_loss": loss_sum.item() / n, "test_acc": correct.item() / n}
+        out = {"test_loss": loss_sum.item() / n, "test_acc": correct.item() / n}  # .item() waits for the device
         out["eval_time_s"] = time.perf_counter() - t0
         return out
 
+    # --- the epochs ---
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield one record each. Stops early, with its status, on divergence
         or on running out of GPU memory.
@@ -287,25 +357,25 @@ class Trial:
             try:
                 if self.feature_cache == CACHE_ON and self.features is None:
                     cache_s = self.cache_features()
-                if self.compile and not self.compiled:
+                if self.compile and not self.warmed_up:
                     compile_s = self.compile_warm_up()
                 rec = self.train_epoch()
                 rec.update(self.evaluate())  # evaluation at batch 256 is as likely to run out as training
             except torch.cuda.OutOfMemoryError as e:
                 self.status = STATUS_OOM
                 yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
-                       "device": device}
+                       "device": device, "precision": self.precision}
                 return
             self.epoch += 1
             diverged = not math.isfinite(rec["train_loss"])
-            status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
-                                                       else STATUS_RUNNING)
-            self.status = status
+            self.status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
+                                                            else STATUS_RUNNING)
             yield {"epoch": self.epoch, **rec, "cache_time_s": cache_s, "compile_time_s": compile_s,
                    "feature_cache": self.feature_cache, "compiled": self.compile,
-                   "peak_memory_mb": peak_memory_mb(self.device), "status": status,
+                   "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
-                   else "", "device": device, "threads": torch.get_num_threads(), "started_at": started_at, "finished_at": time.time()}
+                   else "", "device": device, "precision": self.precision, "threads": torch.get_num_threads(),
+                   "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
 
@@ -342,6 +412,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model; compile time is reported apart from epoch time (default: off)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="bf16 autocast or fp32; auto: bf16 where the device computes it natively (a CUDA GPU with "
+                        "bf16, a CPU with AVX-512-BF16 or AMX), else fp32 (default: auto)")
     p.add_argument("--json", action="store_true", help="also print each epoch record as a JSON line")
     return p
 
@@ -353,7 +426,7 @@ def spec_from_args(args) -> TrialSpec:
                  if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
     data = DataSpec(args.dataset, args.data_dir, args.train_size, args.test_size)
-    return TrialSpec(model, recipe, data, args.seed, compile=args.compile)
+    return TrialSpec(model, recipe, data, args.seed, compile=args.compile, precision=args.precision)
 
 
 def main(argv=None) -> int:
@@ -372,7 +445,7 @@ def main(argv=None) -> int:
     except (DatasetUnavailable, WeightsUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{spec.name}] device {device_name(trial.device)}, {len(trial.data.train_y)} train / "
+    print(f"[{spec.name}] device {device_name(trial.device)} ({trial.precision}), {len(trial.data.train_y)} train / "
           f"{len(trial.data.test_y)} test images" + (" (synthetic)" if trial.data.synthetic else ""), flush=True)
     if trial.feature_cache != CACHE_OFF_NOT_FROZEN:
         print(f"[{spec.name}] frozen backbone: feature cache {trial.feature_cache}"

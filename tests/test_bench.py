@@ -62,6 +62,34 @@ def test_ratio_is_raybench_median_over_reference_median_from_the_same_rows(tiny_
         assert s["ratio_to_reference"] == pytest.approx(median / statistics.median(ref.images_per_s))
 
 
+def test_rows_say_their_precision_and_both_precisions_time_side_by_side(tiny_bench, tmp_path):
+    import torch
+    from raybench.train import resolve_precision
+    rows = pd.read_parquet(tiny_bench / "bench.parquet")
+    auto = resolve_precision("auto", torch.device("cpu"))
+    assert set(rows[rows.loop == "reference"].precision) == {"fp32"}
+    assert set(rows[rows.loop.str.startswith("raybench")].precision) == {auto}
+    assert bench.main(["--models", TINY_VIT, "--images", "128", "--repeats", "1", "--device", "cpu", "--threads",
+                       "2", "--warmup-batches", "1", "--precision", "fp32,bf16", "--out", str(tmp_path)]) == 0
+    rows = pd.read_parquet(tmp_path / "bench.parquet")
+    assert sorted(zip(rows.loop, rows.precision)) == [("raybench", "bf16"), ("raybench", "fp32"),
+                                                       ("reference", "fp32")]
+    summary = {(s["loop"], s["precision"]): s for s in json.loads((tmp_path / "bench.json").read_text())["summary"]}
+    bf16, fp32 = summary["raybench", "bf16"], summary["raybench", "fp32"]
+    assert bf16["ratio_to_fp32"] == pytest.approx(bf16["images_per_s_median"] / fp32["images_per_s_median"])
+    assert fp32["ratio_to_fp32"] is None
+    assert "| raybench | bf16 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_compile_warm_up_set_ends_on_a_short_batch_like_a_real_trial():
+    from raybench.train import EVAL_BATCH
+    # the default CPU run (512 images, a test set of 102, batch 64) divides evenly; CIFAR-100's 50,000 do not
+    assert bench.warm_up_sizes(512, 102, 64, 3) == (4 * 64 + 50_000 % 64, 102)
+    n, n_test = bench.warm_up_sizes(10_000, 2_000, 64, 3)  # the default CUDA run: its own short batches
+    assert (n % 64, n_test % EVAL_BATCH) == (10_000 % 64, 2_000 % EVAL_BATCH) and n > 64 and n_test > EVAL_BATCH
+    assert bench.warm_up_sizes(60, 20, 64, 3) == (60, 20)  # less than a batch: taken whole
+
+
 def test_study_needs_cuda_and_bad_input_is_refused(capsys):
     import torch
     if torch.cuda.is_available():
@@ -71,6 +99,8 @@ def test_study_needs_cuda_and_bad_input_is_refused(capsys):
     assert bench.main(["--models", "vit-p3", "--out", "unused"]) == 2
     assert "model name 'vit-p3'" in capsys.readouterr().err
     assert bench.main(["--device", "tpu", "--out", "unused"]) == 2
+    assert bench.main(["--precision", "fp32,fp16", "--out", "unused"]) == 2
+    assert "'fp16'; accepted: auto, bf16, fp32" in capsys.readouterr().err
 
 
 def test_grid_trial_times_sums_a_runs_epochs(tmp_path):

@@ -69,3 +69,23 @@ def test_swin_recipes_use_the_study_fine_tuning_settings():
     assert (r.batch_size, r.lr, r.epochs, r.optimizer) == (32, 2e-5, 3, "adam")
     r = default_recipe("seed", ViTConfig())
     assert (r.batch_size, r.lr, r.optimizer, r.schedule, r.augment) == (64, 1e-3, "adam", "constant", ())
+
+
+def test_only_a_fine_tuned_swin_has_a_frozen_backbone():
+    frozen = {cfg.name: cfg.frozen_backbone for cfg in [*study_models(), SwinConfig(),
+                                                        ResNetConfig("imagenet", True, image_size=224)]}
+    assert {n for n, f in frozen.items() if f} == {"swin-tiny-ft"}
+    assert SwinConfig(finetune=False).frozen_backbone is False
+
+
+def test_precision_is_validated_serialised_and_named_only_when_set():
+    model = ViTConfig(8, 32, 1, 2, 2.0)
+    auto = TrialSpec(model, default_recipe("seed", model))
+    assert auto.precision == "auto" and auto.name == "vit-p8-e32-l1-h2-m2-seed"
+    fp32 = TrialSpec(model, default_recipe("seed", model), seed=1, multi_seed=True, precision="fp32")
+    assert fp32.name == "vit-p8-e32-l1-h2-m2-seed-fp32-s1"
+    assert TrialSpec.from_dict(fp32.to_dict()) == fp32
+    old = {k: v for k, v in auto.to_dict().items() if k != "precision"}  # a run written before the setting
+    assert TrialSpec.from_dict(old).precision == "auto"
+    with pytest.raises(ConfigError, match=r"TrialSpec.precision='fp16': must be one of \['auto', 'bf16', 'fp32'\]"):
+        TrialSpec(model, default_recipe("seed", model), precision="fp16")

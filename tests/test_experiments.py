@@ -72,3 +72,17 @@ def test_values_that_would_fail_inside_a_trial_are_refused_when_loading(tmp_path
     path.write_text(json.dumps(content))
     with pytest.raises(ExperimentError, match=message):
         load_experiment(str(path))
+
+
+def test_precision_per_file_per_entry_and_as_a_sweep(tmp_path):
+    path = tmp_path / "precision.yaml"
+    path.write_text(json.dumps({"precision": "fp32", "models": [
+        "vit-p8-e32-l1-h2-m2", {"name": "resnet18-cifar", "precision": ["auto", "bf16"]}]}))
+    trials = {t.name: t.precision for t in load_experiment(str(path)).trials}
+    assert trials == {"vit-p8-e32-l1-h2-m2-seed-fp32": "fp32", "resnet18-cifar-seed": "auto",
+                      "resnet18-cifar-seed-bf16": "bf16"}
+    # the CLI's override wins over the file, as --epochs does
+    assert {t.precision for t in load_experiment(str(path), precision="bf16").trials} == {"bf16"}
+    path.write_text(json.dumps({"models": [{"name": "resnet18-cifar", "precision": "fp16"}]}))
+    with pytest.raises(ExperimentError, match=r"models\[0\] \(resnet18-cifar\): precision='fp16' must be one of"):
+        load_experiment(str(path))

@@ -82,6 +82,21 @@ def test_the_compile_warm_up_leaves_training_unchanged(small_synthetic):
         assert [[r[k] for k in keys] for r in warmed.epochs()] == [[r[k] for k in keys] for r in run(spec, data)]
 
 
+def test_a_compiled_trial_bounds_its_compile_workers_by_its_cpus(small_synthetic, monkeypatch):
+    """Inductor would start min(32, host CPUs) compile workers per trial; a trial given one CPU gets one."""
+    from torch._inductor import config
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    spec = TrialSpec(TINY_VIT, default_recipe("seed", TINY_VIT), DataSpec("synthetic", train_size=64, test_size=32))
+    with config.patch(compile_threads=4):  # torch's own way to set its config for a while
+        Trial(spec, device="cpu", threads=1, dataset=small_synthetic)  # eager: Inductor is not involved
+        assert config.compile_threads == 4
+        Trial(dataclasses.replace(spec, compile=True), device="cpu", threads=1, dataset=small_synthetic)
+        assert config.compile_threads == 1
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # a user's lower bound stays
+        Trial(dataclasses.replace(spec, compile=True), device="cpu", threads=2, dataset=small_synthetic)
+        assert config.compile_threads == 1
+
+
 def _inductor_works() -> str:
     """'' when torch.compile can build a CPU kernel here, else why not."""
     try:

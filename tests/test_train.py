@@ -4,13 +4,15 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_VIT
-from raybench.configs import DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
-from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial
+from raybench.configs import (ConfigError, DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig,
+                              default_recipe)
+from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial, resolve_precision
 
 CHANCE_BEATEN = 0.30
 
@@ -88,6 +90,33 @@ def test_a_trial_restored_after_it_ended_trains_no_more(small_synthetic, tmp_pat
         assert restored.status == status and list(restored.epochs()) == []
 
 
+def test_precision_is_taken_as_asked_and_auto_follows_the_cpu_flags():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    try:  # read here from the kernel's own list, not through torch, to check what torch told the trainer
+        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
+                         if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32"), sorted(flags)
+    with pytest.raises(ConfigError, match=r"precision='fp16'.*'auto', 'bf16', 'fp32'"):
+        resolve_precision("fp16", cpu)
+
+
+def test_bf16_and_fp32_learn_alike_and_every_record_says_which_ran(small_synthetic):
+    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3)
+    runs = {p: run(dataclasses.replace(spec, precision=p), small_synthetic)[1] for p in ("fp32", "bf16")}
+    for p, recs in runs.items():
+        assert [r["precision"] for r in recs] == [p] * 3 and recs[-1]["status"] == STATUS_OK
+    fp32, bf16 = runs["fp32"][-1], runs["bf16"][-1]
+    assert fp32["test_acc"] > CHANCE_BEATEN  # both learnt, so "alike" compares two results that mean something
+    assert abs(bf16["test_acc"] - fp32["test_acc"]) <= 0.03, (bf16["test_acc"], fp32["test_acc"])
+    assert bf16["train_loss"] != fp32["train_loss"]  # bf16 really ran: its rounding moves the loss
+    _, auto = run(spec, small_synthetic)
+    assert auto[0]["precision"] == resolve_precision("auto", torch.device("cpu"))
+
+
 def test_cli_prints_a_line_per_epoch():
     r = subprocess.run([sys.executable, "-m", "raybench.train", "--model", "vit", "--patch", "8", "--dim", "32",
                         "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--epochs", "2", "--dataset",
@@ -98,6 +127,17 @@ def test_cli_prints_a_line_per_epoch():
     assert sum("epoch 1/2" in l for l in lines) == 1 and sum("epoch 2/2" in l for l in lines) == 1
     recs = [json.loads(l) for l in lines if l.startswith("{")]
     assert [x["epoch"] for x in recs] == [1, 2] and recs[-1]["device"] == "cpu"
+
+
+def test_cli_takes_a_precision_and_refuses_an_unknown_one():
+    base = [sys.executable, "-m", "raybench.train", "--name", "vit-p8-e32-l1-h2-m2", "--epochs", "1",
+            "--train-size", "200", "--test-size", "50", "--json"]
+    r = subprocess.run([*base, "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(l)["precision"] for l in r.stdout.splitlines() if l.startswith("{")] == ["fp32"]
+    assert "device cpu (fp32)" in r.stdout
+    r = subprocess.run([*base, "--precision", "fp16"], capture_output=True, text=True)
+    assert r.returncode == 2 and "'fp16'" in r.stderr and "bf16" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_reports_bad_values_and_missing_data_without_a_traceback(tmp_path):

@@ -1,0 +1,24 @@
+"""trials.parquet's row of a trial, as the Tune callback keeps it: what was asked at the start, what the
+device did once epochs arrive."""
+import pandas as pd
+
+from raybench.configs import DataSpec, TrialSpec, ViTConfig, default_recipe
+from raybench.records import EPOCH_COLUMNS
+from raybench.results import ResultsWriter, trial_rows, write_atomic
+
+
+def test_trials_record_the_precision_asked_then_the_one_the_device_used(tmp_path):
+    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    specs = [TrialSpec(model, default_recipe("seed", model), DataSpec("synthetic", train_size=64, test_size=32)),
+             TrialSpec(model, default_recipe("improved", model), DataSpec("synthetic", train_size=64, test_size=32),
+                       precision="fp32")]
+    writer = ResultsWriter(tmp_path, trial_rows(specs, {s.name: {"cpu": 1, "gpu": 0} for s in specs}))
+    trials = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial")
+    assert trials.precision.to_dict() == {specs[0].name: "auto", specs[1].name: "fp32"}
+    epoch = {k: None for k in EPOCH_COLUMNS} | dict(trial=specs[0].name, epoch=1, train_loss=1.0, train_acc=0.5,
+                                                    test_loss=1.0, test_acc=0.5, train_time_s=1.0, device="cpu",
+                                                    precision="bf16")
+    write_atomic(pd.DataFrame([epoch]), tmp_path / "epochs.parquet")
+    writer._update_trial(specs[0].name, status="running")
+    trials = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial")
+    assert trials.precision.to_dict() == {specs[0].name: "bf16", specs[1].name: "fp32"}
