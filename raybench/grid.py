@@ -9,6 +9,7 @@ results written to Parquet as they arrive and the analysis run at the end.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,9 +17,12 @@ import sys
 import time
 
 from raybench.experiments import ExperimentError, builtin_experiments
-from raybench.plan import RunPlan, make_plan
+from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
 from raybench.resources import DEFAULT_GPU_MEMORY_GB
 
+
+SCHEDULERS = ("fifo", "asha")
+MLFLOW_INSTALL = "pip install 'raybench[mlflow]'"
 
 # --- CLI --------------------------------------------------------------------------------------------------
 
@@ -73,6 +77,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pending-timeout", type=float, metavar="MINUTES",
                    help="stop the run when trials have waited this long for resources, keeping the finished "
                         "epochs (default: 10 without an autoscaler, off on an autoscaling cluster)")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="Tune's trial scheduler: fifo runs every trial to its last epoch; asha (ASHAScheduler on "
+                        "test_acc) stops trials that fall behind, status stopped-early (default: fifo: the "
+                        "study's tables need every trial finished)")
+    p.add_argument("--asha-grace-epochs", type=int, metavar="N",
+                   help="with --scheduler asha: epochs every trial gets before it can be stopped (default: 3)")
+    p.add_argument("--mlflow", nargs="?", const=MLFLOW_IN_RUN_FOLDER, metavar="URI",
+                   help="also log every trial as an MLflow run (params: its config; metrics: each epoch) to this "
+                        "tracking URI (default URI: the store <run folder>/mlruns); needs "
+                        f"{MLFLOW_INSTALL} (default: off)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")
     return p
@@ -84,6 +98,7 @@ def validate_args(args) -> None:
               ("--cpus-per-trial", args.cpus_per_trial, lambda v: v > 0),
               ("--gpu-memory-gb", args.gpu_memory_gb, lambda v: v > 0), ("--epochs", args.epochs, lambda v: v >= 1),
               ("--max-failures", args.max_failures, lambda v: v >= 0),
+              ("--asha-grace-epochs", args.asha_grace_epochs, lambda v: v >= 1),
               ("--train-size", args.train_size, lambda v: v >= 1), ("--test-size", args.test_size, lambda v: v >= 1)]
     for flag, value, ok in checks:
         if value is not None and not ok(value):
@@ -147,6 +162,20 @@ def preflight(plan: RunPlan) -> list[str]:
     return problems
 
 
+def tune_problems(plan: RunPlan) -> list[str]:
+    """What the scheduler and MLflow settings need, checked before Ray starts."""
+    problems = []
+    if plan.settings["mlflow"] and importlib.util.find_spec("mlflow") is None:
+        problems.append(f"--mlflow: MLflow is not installed in this Python ({sys.executable}); install it with "
+                        f"{MLFLOW_INSTALL}")
+    if plan.settings["scheduler"] == "asha":
+        grace, longest = plan.settings["asha_grace_epochs"], max(t.recipe.epochs for t in plan.experiment.trials)
+        if grace >= longest:
+            problems.append(f"--asha-grace-epochs={grace}: must be below the longest trial's epochs ({longest}), "
+                            "else ASHA never stops a trial; lower it, or leave --scheduler at fifo")
+    return problems
+
+
 def show(plan: RunPlan) -> None:
     exp = plan.experiment
     print(f"[grid] experiment {exp.name} ({exp.path}): {len(exp.trials)} trials, {exp.trials[0].data.name} data")
@@ -172,6 +201,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     show(plan)
+    driver_problems = tune_problems(plan)  # the driver runs the scheduler and the MLflow logger: no cluster helps
+    if driver_problems:
+        print("error: " + "\n".join(driver_problems), file=sys.stderr)
+        return 2
     problems = preflight(plan)
     if problems and not plan.address and not args.dry_run:
         print("error: " + "\n".join(problems), file=sys.stderr)
@@ -250,6 +283,11 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
         print(f"[grid] Ray dashboard: http://{dash}", flush=True)
     PendingTimeout = _pending_timeout_callback()
     callbacks = [writer] + ([PendingTimeout(pending_timeout_s, plan)] if pending_timeout_s else [])
+    if plan.mlflow_uri:
+        from raybench.results import mlflow_callback
+        callbacks.append(mlflow_callback(plan.mlflow_uri, plan.run_dir.name))
+        print(f"[grid] MLflow: {plan.mlflow_uri} (experiment {plan.run_dir.name}); browse it with: "
+              f"mlflow ui --backend-store-uri {plan.mlflow_uri}", flush=True)
     trainable = tune.with_resources(StudyTrial, lambda config: config["trial"]["resources"])
     if plan.resume and tune.Tuner.can_restore(plan.tune_path):
         print(f"[grid] resuming {plan.tune_path}", flush=True)
@@ -265,7 +303,10 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],
                 max_concurrent_trials=max_concurrent(plan.resources, plan.gpu_cap),
-                scheduler=make_scheduler(plan)),
+                scheduler=make_scheduler(plan),
+                # A finished trial's actor process takes the next trial with the same resources
+                # (StudyTrial.reset_config): no new process, no second import of torch and transformers.
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name=plan.tune_name, storage_path=plan.storage, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
@@ -276,10 +317,18 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
 
 
 def make_scheduler(plan: RunPlan):
-    """FIFO, wrapped so that a trial out of GPU memory is re-queued with a larger share."""
-    from ray.tune.schedulers import FIFOScheduler
+    """The run's scheduler (FIFO: every trial to its last epoch; or ASHA, --scheduler asha), wrapped so that a
+    trial out of GPU memory is re-queued with a larger share."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from raybench.trainable import OomRequeue
-    return OomRequeue(FIFOScheduler())
+    if plan.settings["scheduler"] == "asha":
+        # One iteration is one epoch (StudyTrial.step); rungs at grace, grace*4, ... below the longest trial.
+        base = ASHAScheduler(time_attr="training_iteration", metric="test_acc", mode="max",
+                             max_t=max(t.recipe.epochs for t in plan.experiment.trials),
+                             grace_period=plan.settings["asha_grace_epochs"])
+    else:
+        base = FIFOScheduler()
+    return OomRequeue(base)
 
 
 def _report(plan: RunPlan, writer, analysis: bool, t_start: float) -> int:

@@ -23,8 +23,14 @@ from raybench import resources as rr
 # The settings a run keeps across --resume. Each is a grid flag whose parser default is None, so a flag given
 # again on the command line can be told from one left out.
 LOCAL_RAY_SETTINGS = ("gpus", "cpus", "cpus_per_trial", "gpu_memory_gb", "dashboard_host", "no_dashboard")
+# How Tune runs the trials: the scheduler and the MLflow store. Kept on --resume, so a resumed ASHA run goes on
+# with ASHA (the trials it stopped stay stopped) and keeps logging where it logged.
+TUNE_SETTINGS = ("scheduler", "asha_grace_epochs", "mlflow")
+# --mlflow without a URI: a store inside the run folder, resolved where the folder is now (it may have moved
+# between a stop and --resume).
+MLFLOW_IN_RUN_FOLDER = "run-folder"
 DEFAULTS = {"cpus_per_trial": 1.0, "dashboard_host": "127.0.0.1", "no_dashboard": False, "max_failures": 2,
-            "pending_timeout": None}
+            "pending_timeout": None, "scheduler": "fifo", "asha_grace_epochs": 3, "mlflow": None}
 # Fields of an experiment that a resumed run takes from experiment.json, whatever the flags say now.
 FROZEN_BY_RESUME = ("epochs", "dataset", "data_dir", "seeds", "only", "train_size", "test_size", "compile",
                     "precision")
@@ -68,6 +74,11 @@ class RunPlan:
     @property
     def tune_path(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.tune_name}"
+
+    @property
+    def mlflow_uri(self) -> str | None:
+        uri = self.settings.get("mlflow")
+        return (self.run_dir / "mlruns").as_uri() if uri == MLFLOW_IN_RUN_FOLDER else uri
 
     def param_entries(self) -> list[dict]:
         """One entry per trial for Tune's grid_search: small plain values; the trial builds the rest."""
@@ -222,7 +233,7 @@ def _settings(args, saved: dict | None) -> dict:
     """The run's settings: a flag given now wins, then what experiment.json kept, then the default."""
     before = {} if saved is None else (saved.get("settings") or saved.get("args") or {})
     out = {}
-    for key in (*LOCAL_RAY_SETTINGS, "max_failures", "pending_timeout", "storage_path"):
+    for key in (*LOCAL_RAY_SETTINGS, "max_failures", "pending_timeout", "storage_path", *TUNE_SETTINGS):
         now = getattr(args, key, None)
         out[key] = now if now is not None else before.get(key, DEFAULTS.get(key))
     if out["storage_path"] and "://" not in out["storage_path"]:  # Tune takes a local path as absolute only

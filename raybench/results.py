@@ -15,7 +15,11 @@ import pandas as pd
 from ray import tune
 
 from raybench.configs import ResNetConfig, TrialSpec, ViTConfig
-from raybench.records import EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, UNFINISHED, epoch_summary, versions
+from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
+                              versions)
+
+# What a run ends with when nothing failed: every trial finished, or stopped by the scheduler (ASHA).
+ENDED_WELL = (OK, STOPPED_EARLY)
 
 def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str = "") -> list[dict]:
     """One row per trial with everything known before training: config, complexity, resources, provenance."""
@@ -131,6 +135,15 @@ class ResultsWriter(tune.Callback):
         self._update_trial(name, status=ERROR, error=err[:2000])
         print(f"[grid] {name}: ERROR: {err}", flush=True)
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """A trial Tune ended while its last record still said running: the scheduler stopped it early."""
+        name = trial.config["trial"]["name"]
+        row = pd.read_parquet(self.trials_path).set_index("trial").loc[name]
+        if row.status == RUNNING:
+            self._update_trial(name, status=STOPPED_EARLY)
+            print(f"[grid] {name}: stopped early by the scheduler after {row.epochs_done}/{row.epochs} epochs",
+                  flush=True)
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         name = trial.config["trial"]["name"]
         share = float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
@@ -158,4 +171,37 @@ class ResultsWriter(tune.Callback):
         return t.trial[t.status.isin(UNFINISHED)].tolist()
 
     def all_ok(self) -> bool:
-        return bool((pd.read_parquet(self.trials_path).status == OK).all())
+        """Every trial finished or was stopped by the scheduler: neither is a failure."""
+        return bool(pd.read_parquet(self.trials_path).status.isin(ENDED_WELL).all())
+
+
+def mlflow_callback(tracking_uri: str, experiment_name: str):
+    """Ray's MLflowLoggerCallback, one MLflow run per trial: params are the trial's config flattened
+    (trial/spec/model/dim, trial/spec/recipe/lr, ...), metrics every epoch record's numbers at step = epoch;
+    tags say the trial's model family, its data ("synthetic" where it is) and, at the end, its status."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class TrialRuns(MLflowLoggerCallback):
+        def setup(self, *args, **kwargs):
+            super().setup(*args, **kwargs)
+            self._status = {}
+
+        def log_trial_start(self, trial):
+            spec = TrialSpec.from_dict(trial.config["trial"]["spec"])
+            self.tags = {"model_family": spec.model.family, "model": spec.model.name, "recipe": spec.recipe.name,
+                         "data": spec.data.name, "raybench_trial": trial.config["trial"]["name"]}
+            super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration, trial, result):
+            self._status[trial] = result.get("status", RUNNING)
+            super().log_trial_result(iteration, trial, result)
+
+        def log_trial_end(self, trial, failed: bool = False):
+            status = ERROR if failed else self._status.get(trial, RUNNING)
+            if status == RUNNING:  # Tune ended it before its last epoch: the scheduler did (as in trials.parquet)
+                status = STOPPED_EARLY
+            from mlflow.tracking import MlflowClient
+            MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "status", status)
+            super().log_trial_end(trial, failed)
+
+    return TrialRuns(tracking_uri=tracking_uri, experiment_name=experiment_name)

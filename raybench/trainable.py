@@ -1,10 +1,14 @@
 """One TrialSpec as a Ray Tune class trainable: one `step` per epoch, Tune's checkpoints hold the Trial's state.
 
 Imported by Ray workers (and by the grid when it builds the Tuner), never by `import raybench.grid` alone.
+The grid runs with `reuse_actors=True`: an actor process that finished a trial is handed the next one through
+`reset_config`, so importing torch and the model code (transformers for Swin) is paid once per process.
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -26,16 +30,44 @@ class TrialOutOfMemory(RuntimeError):
     OomRequeue gives the retry twice the share (raybench.resources.next_share)."""
 
 
+# What Ray's log monitor takes as a new name for the lines an actor prints after it (ray_constants).
+LOG_PREFIX_ACTOR_NAME = ":actor_name:"
+
+
 class StudyTrial(tune.Trainable):
     """`config["trial"]` is one entry of the grid's param space: name, spec (TrialSpec.to_dict), resources
-    ({"cpu", "gpu"}) and memory_bytes (the estimate its GPU share came from). `__repr__` is the trial name,
-    which Ray shows for the actor in its dashboard and log prefixes (a function trainable shows as
-    `ImplicitFunc`)."""
+    ({"cpu", "gpu"}) and memory_bytes (the estimate its GPU share came from). `__repr__` is the first trial's
+    name, which Ray shows for the actor in its dashboard (a function trainable shows as `ImplicitFunc`); Ray
+    2.60 reads it once, when the actor is created, so a reused actor keeps it there, while its log lines
+    carry the name of the trial it runs now (see `_announce`)."""
 
     def setup(self, config: dict):
+        self._start(config)
+
+    def reset_config(self, new_config: dict) -> bool:
+        """The next trial in this process: nothing of the last one (model, data, optimiser, compiled graphs,
+        GPU memory cap and peak statistics) may change its numbers."""
+        self.trial = self.records = None
+        gc.collect()
+        torch._dynamo.reset()  # compiled graphs and guards of the last model: a recompile, never a stale one
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0)  # _build sets the next trial's cap, if it has one
+            torch.cuda.reset_peak_memory_stats()
+        self._start(new_config)
+        self._announce()
+        return True
+
+    def _start(self, config: dict) -> None:
         self.trial = self._build(config["trial"])
         self.node_id = ray.get_runtime_context().get_node_id()
         self.records = None  # the epoch iterator starts at the first step, after any checkpoint load
+
+    def _announce(self) -> None:
+        """Ray names an actor's log lines after the last `:actor_name:` line it printed (its log monitor
+        reads them from the worker's .out/.err files), so a reused actor's lines carry the current trial."""
+        for stream in (sys.stdout, sys.stderr):
+            print(f"{LOG_PREFIX_ACTOR_NAME}{self.trial_name}", file=stream, flush=True)
 
     def _share(self, entry: dict) -> float:
         """The GPU share this attempt holds: an OOM re-queue changes it, and the config keeps the first one."""
