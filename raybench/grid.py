@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --scheduler asha: epochs every trial gets before it can be stopped (default: 3)")
     p.add_argument("--mlflow", nargs="?", const=MLFLOW_IN_RUN_FOLDER, metavar="URI",
                    help="also log every trial as an MLflow run (params: its config; metrics: each epoch) to this "
-                        "tracking URI (default URI: the store <run folder>/mlruns); needs "
+                        "tracking URI (default URI: sqlite:///<run folder>/mlflow.db); needs "
                         f"{MLFLOW_INSTALL} (default: off)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")

@@ -27,8 +27,9 @@ LOCAL_RAY_SETTINGS = ("gpus", "cpus", "cpus_per_trial", "gpu_memory_gb", "dashbo
 # with ASHA (the trials it stopped stay stopped) and keeps logging where it logged.
 TUNE_SETTINGS = ("scheduler", "asha_grace_epochs", "mlflow")
 # --mlflow without a URI: a store inside the run folder, resolved where the folder is now (it may have moved
-# between a stop and --resume).
+# between a stop and --resume). SQLite: MLflow 3 refuses its file store (./mlruns) unless told to allow it.
 MLFLOW_IN_RUN_FOLDER = "run-folder"
+MLFLOW_DB = "mlflow.db"
 DEFAULTS = {"cpus_per_trial": 1.0, "dashboard_host": "127.0.0.1", "no_dashboard": False, "max_failures": 2,
             "pending_timeout": None, "scheduler": "fifo", "asha_grace_epochs": 3, "mlflow": None}
 # Fields of an experiment that a resumed run takes from experiment.json, whatever the flags say now.
@@ -78,7 +79,7 @@ class RunPlan:
     @property
     def mlflow_uri(self) -> str | None:
         uri = self.settings.get("mlflow")
-        return (self.run_dir / "mlruns").as_uri() if uri == MLFLOW_IN_RUN_FOLDER else uri
+        return f"sqlite:///{self.run_dir / MLFLOW_DB}" if uri == MLFLOW_IN_RUN_FOLDER else uri
 
     def param_entries(self) -> list[dict]:
         """One entry per trial for Tune's grid_search: small plain values; the trial builds the rest."""

@@ -333,3 +333,43 @@ def test_a_diverging_trial_is_recorded_and_the_others_go_on(tmp_path):
     assert "non-finite training loss" in trials.error["vit-p8-e32-l2-h2-m2-seed"]
     assert "DIVERGED" in r.stdout
     assert (tmp_path / "tune-state" / "div").is_dir()
+
+
+def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(tmp_path):
+    """lr 3 (AdamW) leaves a ViT at chance (~10% on 10 classes) while lr 1e-3 reaches ~30% in one epoch. One
+    CPU runs the trials one after another in grid order, so the good trial reaches ASHA's rung (epoch 1)
+    first and the hopeless one is measured against it there."""
+    pytest.importorskip("mlflow", reason="the test extra installs mlflow (pip install 'raybench[mlflow]')")
+    from mlflow.tracking import MlflowClient
+    good, bad = "vit-p8-e32-l1-h2-m2", "vit-p8-e32-l2-h2-m2"
+    exp = write_experiment(tmp_path / "asha.yaml", [good, {"name": bad, "recipe": {"lr": 3.0}}], epochs=3,
+                           train_size=1000)
+    r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 1, "--scheduler", "asha", "--asha-grace-epochs", 1,
+                 "--mlflow", "--results-dir", tmp_path / "res", "--name", "asha", "--no-analysis")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # stopped early is not a failure
+    run_dir = tmp_path / "res" / "asha"
+    trials = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
+    assert trials.status.to_dict() == {f"{good}-seed": "ok", f"{bad}-seed": "stopped-early"}
+    assert trials.epochs_done.to_dict() == {f"{good}-seed": 3, f"{bad}-seed": 1}
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert sorted(zip(epochs.trial, epochs.epoch)) == [(f"{good}-seed", 1), (f"{good}-seed", 2),
+                                                      (f"{good}-seed", 3), (f"{bad}-seed", 1)]
+    assert f"{bad}-seed: stopped early by the scheduler after 1/3 epochs" in r.stdout
+    assert "1 ok, 1 stopped-early" in r.stdout.replace("1 stopped-early, 1 ok", "1 ok, 1 stopped-early")
+    settings = json.loads((run_dir / "experiment.json").read_text())["settings"]
+    assert (settings["scheduler"], settings["asha_grace_epochs"], settings["mlflow"]) == ("asha", 1, "run-folder")
+
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in r.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("asha")
+    runs = {run.data.tags["raybench_trial"]: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(trials.index)
+    for name, run in runs.items():
+        assert run.data.tags["status"] == trials.status[name]
+        assert run.data.tags["model_family"] == "vit" and run.data.tags["data"] == "synthetic"
+        assert float(run.data.params["trial/spec/recipe/lr"]) == trials.lr[name]
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        mine = epochs[epochs.trial == name].sort_values("epoch")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+            list(zip(mine.epoch, mine.test_acc))
