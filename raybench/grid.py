@@ -9,7 +9,6 @@ results written to Parquet as they arrive and the analysis run at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
@@ -165,9 +164,12 @@ def preflight(plan: RunPlan) -> list[str]:
 def tune_problems(plan: RunPlan) -> list[str]:
     """What the scheduler and MLflow settings need, checked before Ray starts."""
     problems = []
-    if plan.settings["mlflow"] and importlib.util.find_spec("mlflow") is None:
-        problems.append(f"--mlflow: MLflow is not installed in this Python ({sys.executable}); install it with "
-                        f"{MLFLOW_INSTALL}")
+    if plan.settings["mlflow"]:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as e:
+            problems.append(f"--mlflow: MLflow cannot be imported in this Python ({sys.executable}: {e}); install "
+                            f"it with {MLFLOW_INSTALL}")
     if plan.settings["scheduler"] == "asha":
         grace, longest = plan.settings["asha_grace_epochs"], max(t.recipe.epochs for t in plan.experiment.trials)
         if grace >= longest:

@@ -289,11 +289,24 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, conten
     (["--resume", "--name", "never-ran"], "--resume: no run"),
     (["--experiment", "seed", "--data-dir", "/nonexistent/cifar"], "CIFAR-100 is not in /nonexistent/cifar"),
     (["--experiment", "seed", "--dataset", "synthetic"], "swin-tiny-ft: Swin weights"),
+    (["--scheduler", "hyperband"], "invalid choice: 'hyperband'"),
+    (["--scheduler", "asha", "--asha-grace-epochs", "0"], "--asha-grace-epochs=0: out of range"),
+    (["--scheduler", "asha", "--asha-grace-epochs", "2"],
+     "--asha-grace-epochs=2: must be below the longest trial's epochs (2)"),
 ])
 def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, args, message):
     r = run_grid(*args, "--results-dir", tmp_path / "res", timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "res").exists()
+
+
+def test_mlflow_missing_is_refused_before_ray_starts_with_the_install_command(tmp_path):
+    # Python skips a module whose sys.modules entry is None: `import mlflow` fails as where it is not installed.
+    code = ("import sys; sys.modules['mlflow'] = None; from raybench.grid import main; "
+            f"sys.exit(main(['--mlflow', '--results-dir', {str(tmp_path / 'res')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pip install 'raybench[mlflow]'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
 
 
 def test_unusable_results_folders_and_run_records_are_refused(tmp_path):
