@@ -118,7 +118,7 @@ def test_a_trial_restored_from_its_final_checkpoint_reports_it_ended(tmp_path):
     from raybench.trainable import StudyTrial
     spec = load_experiment("smoke", epochs=1, train_size=64, test_size=32).trials[0]
     config = {"trial": {"name": spec.name, "spec": spec.to_dict(), "resources": {"cpu": 1, "gpu": 0}}}
-    ray.init(num_cpus=1, include_dashboard=False)  # the trainable asks Ray for its GPU ids and node
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # never a cluster another test left
     try:
         first = StudyTrial(config=config)
         assert first.step()["status"] == "ok"
@@ -154,7 +154,7 @@ def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one():
             out.append({k: v for k, v in trainable.step().items() if k not in MEASURED})
         return out
 
-    ray.init(num_cpus=1, include_dashboard=False)  # the trainable asks Ray for its GPU ids and node
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # never a cluster another test left
     try:
         reused = StudyTrial(config=configs[0])
         first_run = records(reused)
