@@ -289,6 +289,31 @@ def grid_trial_times(run_dir: Path) -> dict:
     return out
 
 
+def grid_phases(stdout: str, run_dir: Path) -> dict:
+    """Where a grid run's wall time went: the phases it prints at the end (raybench.grid), and from its epoch
+    rows when the first epoch started and the last ended within the Tune run, and the idle seconds between
+    consecutive epochs of one actor process: within a trial (report, checkpoint) and between two trials (the
+    reused actor's hand-over: reset_config, building the next Trial, Tune's scheduling)."""
+    import pandas as pd
+    from raybench.grid import PHASES_PREFIX
+    line = next((l for l in stdout.splitlines() if l.startswith(PHASES_PREFIX)), None)
+    if line is None:
+        return {}
+    phases = json.loads(line[len(PHASES_PREFIX):])
+    ep = pd.read_parquet(Path(run_dir) / "epochs.parquet").sort_values(["pid", "started_at"])
+    prev = ep.groupby("pid").shift(1)
+    gap = ep.started_at - prev.finished_at
+    same = ep.trial == prev.trial
+    phases.update(
+        first_epoch_after_s=float(ep.started_at.min() - phases["tune_run_started_at"]),
+        after_last_epoch_s=float(phases["tune_run_ended_at"] - ep.finished_at.max()),
+        actor_processes=int(ep.pid.nunique()),
+        between_epochs_s=float(gap[same].sum()), between_epochs_n=int(same.sum()),
+        between_trials_s=float(gap[~same & prev.trial.notna()].sum()),
+        between_trials_n=int((~same & prev.trial.notna()).sum()))
+    return phases
+
+
 def run_sequential(experiment: str, only: str | None, threads: int | None) -> dict:
     """The experiment's trials one after another in this process, without Ray: wall and in-epoch times."""
     from raybench.experiments import load_experiment
@@ -330,15 +355,20 @@ def grid_overhead(experiment: str, only: str | None, cpus_per_trial: float) -> d
         cmd = [sys.executable, "-m", "raybench.grid", "--experiment", experiment, "--gpus", "0", "--no-analysis",
                "--no-dashboard", "--results-dir", tmp, "--name", "grid", "--cpus-per-trial", str(cpus_per_trial)]
         cmd += ["--only", only] if only else []
-        grid_wall, _ = timed_run(cmd, "grid overhead", env)
+        load = os.getloadavg()[0]
+        grid_wall, grid_out = timed_run(cmd, "grid overhead", env)
         grid = grid_trial_times(Path(tmp) / "grid")
+        phases = grid_phases(grid_out, Path(tmp) / "grid")
     seq_cmd = [sys.executable, "-m", "raybench.bench", "--sequential", experiment,
                "--threads", str(max(1, int(cpus_per_trial)))]
     seq_cmd += ["--grid-only", only] if only else []
+    seq_load = os.getloadavg()[0]
     seq_wall, seq_out = timed_run(seq_cmd, "the same trials without Ray", env)
     seq = json.loads(seq_out.strip().splitlines()[-1])
     return {"experiment": experiment, "only": only or "", "cpus_per_trial": cpus_per_trial,
+            "load_avg_1m_before_grid": round(load, 2), "load_avg_1m_before_sequential": round(seq_load, 2),
             "grid_command": " ".join(["python"] + cmd[1:]), "grid_wall_s": grid_wall, "grid": grid,
+            "grid_phases": phases,
             "sequential_command": " ".join(["python"] + seq_cmd[1:]), "sequential_wall_s": seq_wall, "sequential": seq,
             "grid_wall_over_trial_time": grid_wall / grid["trial_time_s"],
             "grid_wall_over_sequential_wall": grid_wall / seq_wall,
@@ -396,8 +426,22 @@ def markdown(result: dict) -> str:
                   f"- grid wall / sum of its trials' in-epoch time: {g['grid_wall_over_trial_time']:.2f}",
                   f"- grid wall / sequential wall: {g['grid_wall_over_sequential_wall']:.2f}",
                   f"- grid wall outside the first-epoch-start to last-epoch-end window (Python, Ray start, actor "
-                  f"start, model builds, shutdown): {g['grid_outside_epochs_s']:.1f} s", "",
-                  "| trial | in-epoch s, grid | in-epoch s, sequential |", "|---|---|---|"]
+                  f"start, model builds, shutdown): {g['grid_outside_epochs_s']:.1f} s",
+                  f"- 1-min load average before the grid / before the sequential run: "
+                  f"{g.get('load_avg_1m_before_grid', '-')} / {g.get('load_avg_1m_before_sequential', '-')}", ""]
+        ph = g.get("grid_phases") or {}
+        if ph:
+            spent = ("ray_start", "tune_run", "ray_shutdown", "report_and_analysis")
+            before = g["grid_wall_s"] - sum(ph[k] for k in spent)  # the process's start to the plan made
+            lines += ["Where the grid's wall time went (s; idle: between consecutive epochs of one actor process):",
+                      "", "| Python, imports, plan | Ray start | Tune run | of it: to the first epoch | after the "
+                      "last epoch | Ray shutdown | report | actor processes | idle within a trial (n) | idle "
+                      "between trials (n) |", "|---|---|---|---|---|---|---|---|---|---|",
+                      f"| {before:.1f} | {ph['ray_start']:.1f} | {ph['tune_run']:.1f} | {ph['first_epoch_after_s']:.1f} "
+                      f"| {ph['after_last_epoch_s']:.1f} | {ph['ray_shutdown']:.1f} | {ph['report_and_analysis']:.1f} "
+                      f"| {ph['actor_processes']} | {ph['between_epochs_s']:.1f} ({ph['between_epochs_n']}) "
+                      f"| {ph['between_trials_s']:.1f} ({ph['between_trials_n']}) |", ""]
+        lines += ["| trial | in-epoch s, grid | in-epoch s, sequential |", "|---|---|---|"]
         lines += [f"| {t} | {s:.1f} | {g['sequential']['per_trial_s'].get(t, float('nan')):.1f} |"
                   for t, s in g["grid"]["per_trial_s"].items()] + [""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ results written to Parquet as they arrive and the analysis run at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -241,8 +242,10 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
 
 def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> int:
     from raybench.session import ClusterUnavailable, check_placement, connect  # imports Ray when it starts it
+    marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
         ctx = connect(plan)
+        marks["ray_up"] = time.time()
         autoscaling = False
         if plan.address:
             autoscaling, note = check_placement(plan.resources)
@@ -260,6 +263,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
         timeout = DEFAULT_PENDING_TIMEOUT_S
     try:
         writer = _fit(plan, ctx, timeout)
+        marks["fit_done"] = time.time()
     except KeyboardInterrupt:
         print(f"[grid] interrupted: finished epochs are in {plan.run_dir}; continue with: {plan.resume_command()}",
               file=sys.stderr)
@@ -267,7 +271,8 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     finally:
         import ray
         ray.shutdown()
-    return _report(plan, writer, analysis, t_start)
+        marks["ray_down"] = time.time()
+    return _report(plan, writer, analysis, t_start, marks)
 
 
 def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
@@ -333,7 +338,10 @@ def make_scheduler(plan: RunPlan):
     return OomRequeue(base)
 
 
-def _report(plan: RunPlan, writer, analysis: bool, t_start: float) -> int:
+PHASES_PREFIX = "[grid] phases (s): "
+
+
+def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict | None = None) -> int:
     print(writer.summary(), flush=True)
     unfinished = writer.unfinished()
     if unfinished:  # Ctrl+C (SIGINT) ends fit() gracefully, with Tune's state saved
@@ -347,6 +355,14 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float) -> int:
         except Exception as e:  # the results are on disk either way; say why the report is missing
             print(f"[grid] analysis failed ({type(e).__name__}: {e}); rerun: python -m raybench.analysis "
                   f"{plan.run_dir}", file=sys.stderr)
+    if marks:
+        m = {**marks, "end": time.time()}
+        phases = {"before_ray": m["start"] - t_start, "ray_start": m["ray_up"] - m["start"],
+                  "tune_run": m["fit_done"] - m["ray_up"], "ray_shutdown": m["ray_down"] - m["fit_done"],
+                  "report_and_analysis": m["end"] - m["ray_down"]}
+        phases = {k: round(v, 2) for k, v in phases.items()}
+        print(PHASES_PREFIX + json.dumps({**phases, "tune_run_started_at": m["ray_up"],
+                                          "tune_run_ended_at": m["fit_done"]}), flush=True)
     print(f"[grid] {time.time() - t_start:.0f} s in all; results: {plan.run_dir}")
     return 0 if writer.all_ok() else 1
 

@@ -30,6 +30,21 @@ class TrialOutOfMemory(RuntimeError):
     OomRequeue gives the retry twice the share (raybench.resources.next_share)."""
 
 
+# The dataset of the last trial this process built, by (DataSpec, classes, input side): a reused actor's next
+# trial on the same data skips generating or reading it again (it is never written to: batches are copies).
+_datasets: dict = {}
+
+
+def dataset_for(spec: TrialSpec):
+    from raybench.data import load_dataset
+    from raybench.resources import input_side
+    key = (spec.data, spec.model.num_classes, input_side(spec))
+    if key not in _datasets:
+        _datasets.clear()  # one dataset held at a time: CIFAR-100 is 180 MB
+        _datasets[key] = load_dataset(spec.data, spec.model.num_classes, input_side(spec))
+    return _datasets[key]
+
+
 # What Ray's log monitor takes as a new name for the lines an actor prints after it (ray_constants).
 LOG_PREFIX_ACTOR_NAME = ":actor_name:"
 
@@ -49,7 +64,8 @@ class StudyTrial(tune.Trainable):
         GPU memory cap and peak statistics) may change its numbers."""
         self.trial = self.records = None
         gc.collect()
-        torch._dynamo.reset()  # compiled graphs and guards of the last model: a recompile, never a stale one
+        if "torch._dynamo" in sys.modules:  # a trial compiled: drop its graphs and guards (never a stale one).
+            torch._dynamo.reset()  # Without a compile there is nothing to drop, and importing dynamo takes seconds.
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)  # _build sets the next trial's cap, if it has one
@@ -81,7 +97,8 @@ class StudyTrial(tune.Trainable):
         if use_cuda and self.share < 1:  # before the trial allocates anything
             torch.cuda.set_per_process_memory_fraction(allocator_fraction(
                 spec.name, entry["memory_bytes"], self.share, torch.cuda.get_device_properties(0).total_memory))
-        trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])))
+        trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])),
+                      dataset=dataset_for(spec))
         _inject_oom(trial, self.share)
         return trial
 

@@ -142,6 +142,7 @@ def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one():
     different models (the second a ResNet with BatchNorm, the first a ViT) run through one StudyTrial, and
     each in its own fresh StudyTrial: the epoch records agree on everything but the measured fields."""
     import ray
+    import raybench.trainable as trainable_module
     from raybench.trainable import StudyTrial
     exp = load_experiment("smoke", epochs=2, train_size=96, test_size=48)
     specs = [next(t for t in exp.trials if t.name.startswith(p)) for p in ("vit-p8-e32-l1", "resnet18")]
@@ -160,12 +161,16 @@ def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one():
         first_run = records(reused)
         assert reused.reset_config(configs[1]) is True
         second_run = records(reused)
-        fresh = [records(StudyTrial(config=c)) for c in configs]
+        fresh = []
+        for c in configs:  # as in a new process: no dataset kept from an earlier trial
+            trainable_module._datasets.clear()
+            fresh.append(records(StudyTrial(config=c)))
     finally:
         ray.shutdown()
     assert [first_run, second_run] == fresh
     assert [r["epoch"] for r in second_run] == [1, 2] and second_run[-1]["status"] == "ok"
     assert first_run[0]["train_loss"] != second_run[0]["train_loss"]  # two different trials were compared
+    # the second trial trained on the dataset the first one loaded, unchanged by the first one's training
 
 
 def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
