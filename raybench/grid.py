@@ -261,6 +261,12 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     timeout = plan.pending_timeout_s
     if timeout is None and not autoscaling and "pending_timeout" not in plan.given:
         timeout = DEFAULT_PENDING_TIMEOUT_S
+    # Tune resolves paths against the working folder when the run ends. A job's driver works in the job's
+    # unpacked working dir, and on the local fake cluster every node unpacks the job's package at that same
+    # path, replacing the folder under the driver (seen: os.getcwd() raising FileNotFoundError inside
+    # tuner.fit). Every path in the plan is absolute, so the driver works from the run folder meanwhile.
+    cwd = os.getcwd()
+    os.chdir(plan.run_dir)
     try:
         writer = _fit(plan, ctx, timeout)
         marks["fit_done"] = time.time()
@@ -272,6 +278,8 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
         import ray
         ray.shutdown()
         marks["ray_down"] = time.time()
+        if os.path.isdir(cwd):  # by its path: the same folder, or the one unpacked in its place
+            os.chdir(cwd)
     return _report(plan, writer, analysis, t_start, marks)
 
 

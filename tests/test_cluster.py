@@ -202,6 +202,16 @@ def fake_cluster():
 
     Teardown stops it (idempotent, so a test may stop it first) and fails if any of its processes remain.
     """
+    yield from _fake_cluster()
+
+
+@pytest.fixture
+def another_fake_cluster():
+    """One more, for a test that must start from a head without workers whatever ran before it."""
+    yield from _fake_cluster()
+
+
+def _fake_cluster():
     temp = tempfile.mkdtemp(prefix="rbc-", dir="/tmp")
     gcs, dashboard, client, agent = _free_ports(4)
     cluster = start_local_cluster(ROOT / "cluster-local.yaml", gcs, temp, dashboard_port=dashboard,
@@ -285,3 +295,31 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
         assert _pids_mentioning(fake_cluster.temp_dir) == []
     print(f"\nfake cluster: {len(trial_nodes)} GPU worker node(s) {sorted(n[-5:] for n in trial_nodes)}, "
           f"test {time.monotonic() - t0:.1f} s, {len(sockets)} listeners on 127.0.0.1")
+
+
+@pytest.mark.slow
+def test_a_job_submitted_with_the_working_dir_finishes_the_smoke_grid(another_fake_cluster, tmp_path):
+    """The README's cloud flow against the local cluster: `ray job submit --working-dir . -- python -m
+    raybench.grid --address auto ...`. The job's driver runs on the head in an uploaded copy of this folder
+    (so it imports that copy of raybench), joins with --address auto (the job sets RAY_ADDRESS), and writes
+    the run folder the user asked for, analysis included."""
+    cluster = another_fake_cluster
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "LANG": "C.UTF-8", **cluster.driver_env()}
+    job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+                          cluster.dashboard_url, "--working-dir", ".", "--",
+                          "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-p8-*",
+                          "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5",
+                          "--results-dir", str(tmp_path), "--name", "job"],
+                         env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
+    run_dir = tmp_path / "job"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert set(trials.trial) == {"vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"}
+    assert (trials.status == "ok").all() and len(epochs) == 2 * 2
+    assert (run_dir / "analysis" / "report.md").stat().st_size > 0
+    assert "[grid] 2 trials: 2 ok" in out  # the driver's own summary, streamed back by `ray job submit`
+    # the job ran the uploaded copy: its driver's working folder is Ray's, not this checkout
+    assert not json.loads((run_dir / "experiment.json").read_text())["path"].startswith(str(ROOT))
