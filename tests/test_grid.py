@@ -2,6 +2,7 @@
 a stopped driver and --resume, and bad input refused before anything starts."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,21 @@ def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
                    and spans.gpu[a] == spans.gpu[b] != ""
                    and spans.start[a] < spans.end[b] and spans.start[b] < spans.end[a]]
     assert overlapping, spans
+
+
+def test_smoke_grid_reuses_actor_processes_and_says_where_its_time_went(smoke_run):
+    run_dir, out = smoke_run
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    # equal resources (1 CPU, 1/8 GPU each): trials follow each other in the processes Tune started first
+    assert epochs.pid.nunique() < epochs.trial.nunique()
+    assert epochs.groupby("pid").trial.nunique().max() > 1
+    from raybench.bench import grid_phases
+    phases = grid_phases(out, run_dir)
+    assert phases["actor_processes"] == epochs.pid.nunique()
+    assert phases["between_trials_n"] == epochs.trial.nunique() - epochs.pid.nunique()
+    total = float(re.search(r"\[grid\] (\d+) s in all", out).group(1))
+    spent = sum(phases[k] for k in ("before_ray", "ray_start", "tune_run", "ray_shutdown", "report_and_analysis"))
+    assert 0 < spent <= total + 1 and phases["first_epoch_after_s"] > 0 and phases["after_last_epoch_s"] >= 0
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
@@ -363,7 +379,7 @@ def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(
     exp = write_experiment(tmp_path / "asha.yaml", [good, {"name": bad, "recipe": {"lr": 3.0}}], epochs=3,
                            train_size=1000)
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 1, "--scheduler", "asha", "--asha-grace-epochs", 1,
-                 "--mlflow", "--results-dir", tmp_path / "res", "--name", "asha", "--no-analysis")
+                 "--mlflow", "--results-dir", tmp_path / "res", "--name", "asha")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # stopped early is not a failure
     run_dir = tmp_path / "res" / "asha"
     trials = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
@@ -374,6 +390,11 @@ def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(
                                                       (f"{good}-seed", 3), (f"{bad}-seed", 1)]
     assert f"{bad}-seed: stopped early by the scheduler after 1/3 epochs" in r.stdout
     assert "1 ok, 1 stopped-early" in r.stdout.replace("1 stopped-early, 1 ok", "1 ok, 1 stopped-early")
+    # the analysis keeps it in the per-trial table and says why it is not in the findings
+    report = (run_dir / "analysis" / "report.md").read_text()
+    assert f"{bad}-seed: stopped early by the scheduler (ASHA) after 1 of 3 epochs recorded" in report
+    per_trial = pd.read_parquet(run_dir / "analysis" / "per_trial.parquet").set_index("trial")
+    assert per_trial.status[f"{bad}-seed"] == "stopped-early"
     settings = json.loads((run_dir / "experiment.json").read_text())["settings"]
     assert (settings["scheduler"], settings["asha_grace_epochs"], settings["mlflow"]) == ("asha", 1, "run-folder")
 
