@@ -1,8 +1,9 @@
 """One TrialSpec as a Ray Tune class trainable: one `step` per epoch, Tune's checkpoints hold the Trial's state.
 
 Imported by Ray workers (and by the grid when it builds the Tuner), never by `import raybench.grid` alone.
-The grid runs with `reuse_actors=True`: an actor process that finished a trial is handed the next one through
-`reset_config`, so importing torch and the model code (transformers for Swin) is paid once per process.
+With `reuse_actors` (raybench.grid.reuse_actors: where no dashboard shows the trials) an actor process that
+finished a trial is handed the next one through `reset_config`, so importing torch and the model code
+(transformers for Swin) is paid once per process.
 """
 from __future__ import annotations
 

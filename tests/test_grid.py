@@ -49,17 +49,19 @@ def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
     assert overlapping, spans
 
 
-def test_smoke_grid_reuses_actor_processes_and_says_where_its_time_went(smoke_run):
-    run_dir, out = smoke_run
+def test_without_the_dashboard_actors_are_reused_and_the_grid_says_where_its_time_went(tmp_path):
+    """--no-dashboard: trials of equal resources follow each other in the processes Tune started first (with
+    the dashboard on, every trial gets its own actor, so the dashboard lists it under its own name)."""
+    r = run_grid("--gpus", 0, "--cpus", 1, "--no-dashboard", "--only", "vit-p8-*", "--epochs", 1, "--train-size",
+                 200, "--test-size", 100, "--results-dir", tmp_path, "--name", "reuse", "--no-analysis")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = tmp_path / "reuse"
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    # equal resources (1 CPU, 1/8 GPU each): trials follow each other in the processes Tune started first
-    assert epochs.pid.nunique() < epochs.trial.nunique()
-    assert epochs.groupby("pid").trial.nunique().max() > 1
+    assert epochs.trial.nunique() == 2 and epochs.pid.nunique() == 1  # one actor process ran both trials
     from raybench.bench import grid_phases
-    phases = grid_phases(out, run_dir)
-    assert phases["actor_processes"] == epochs.pid.nunique()
-    assert phases["between_trials_n"] == epochs.trial.nunique() - epochs.pid.nunique()
-    total = float(re.search(r"\[grid\] (\d+) s in all", out).group(1))
+    phases = grid_phases(r.stdout, run_dir)
+    assert phases["actor_processes"] == 1 and phases["between_trials_n"] == 1
+    total = float(re.search(r"\[grid\] (\d+) s in all", r.stdout).group(1))
     spent = sum(phases[k] for k in ("before_ray", "ray_start", "tune_run", "ray_shutdown", "report_and_analysis"))
     assert 0 < spent <= total + 1 and phases["first_epoch_after_s"] > 0 and phases["after_last_epoch_s"] >= 0
 
