@@ -69,7 +69,7 @@ def test_rows_say_their_precision_and_both_precisions_time_side_by_side(tiny_ben
     auto = resolve_precision("auto", torch.device("cpu"))
     assert set(rows[rows.loop == "reference"].precision) == {"fp32"}
     assert set(rows[rows.loop.str.startswith("raybench")].precision) == {auto}
-    assert bench.main(["--models", TINY_VIT, "--images", "128", "--repeats", "1", "--device", "cpu", "--threads",
+    assert bench.main(["--models", TINY_VIT.name, "--images", "128", "--repeats", "1", "--device", "cpu", "--threads",
                        "2", "--warmup-batches", "1", "--precision", "fp32,bf16", "--out", str(tmp_path)]) == 0
     rows = pd.read_parquet(tmp_path / "bench.parquet")
     assert sorted(zip(rows.loop, rows.precision)) == [("raybench", "bf16"), ("raybench", "fp32"),

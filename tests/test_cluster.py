@@ -94,7 +94,13 @@ def test_cli_refuses_bad_local_cluster_arguments_before_starting_anything(tmp_pa
         foreign = short / "f"
         foreign.mkdir()
         os.chown(foreign, 65534, 65534)
-        run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir", str(foreign)],
+        free = []
+        for _ in range(2):  # the session's smoke run may hold the default dashboard port meanwhile
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                free.append(str(s.getsockname()[1]))
+        run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir", str(foreign),
+                              "--port", free[0], "--dashboard-port", free[1]],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 1 and "is not a folder of this user's" in run.stderr, run.stderr
     import shutil

@@ -414,3 +414,12 @@ def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(
         mine = epochs[epochs.trial == name].sort_values("epoch")
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
             list(zip(mine.epoch, mine.test_acc))
+
+    # --resume keeps the scheduler's decision: the stopped trial is not trained on
+    again = run_grid("--experiment", exp, "--results-dir", tmp_path / "res", "--name", "asha", "--resume",
+                     "--no-analysis")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
+    assert after.status.to_dict() == trials.status.to_dict() and after.epochs_done.to_dict() == {
+        f"{good}-seed": 3, f"{bad}-seed": 1}
+    assert pd.read_parquet(run_dir / "epochs.parquet").equals(epochs)
