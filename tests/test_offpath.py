@@ -245,8 +245,11 @@ def test_a_worker_node_that_dies_mid_trial_costs_at_most_the_epoch_in_flight(tmp
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not moved:
             ep = pd.read_parquet(epochs) if epochs.exists() else None
-            if ep is not None and (ep.node_id == worker.node_id).any():
-                moved["trial"] = ep[ep.node_id == worker.node_id].trial.iloc[0]
+            on_worker = ep[ep.node_id == worker.node_id].trial.unique() if ep is not None else []
+            # once that epoch's checkpoint is in Tune's storage (it is written just after the epoch's row)
+            saved = [t for t in on_worker if list((tmp_path / "dies" / "ray" / t).glob("checkpoint_*/state.pt"))]
+            if saved:
+                moved["trial"] = saved[0]
                 cluster.remove_node(worker, allow_graceful=False)
             time.sleep(0.2)
     killer = threading.Thread(target=remove_worker_after_its_first_epoch, daemon=True)
