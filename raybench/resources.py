@@ -56,12 +56,6 @@ def input_side(spec: TrialSpec) -> int:
     return complexity(spec.model).input_size
 
 
-def feature_dim(cfg) -> int:
-    """Values per image a frozen backbone's feature cache holds (raybench.complexity.feature_dim)."""
-    from raybench.complexity import feature_dim as dim
-    return dim(cfg)
-
-
 def caches_features(spec: TrialSpec) -> bool:
     from raybench.train import CACHE_ON, feature_cache_mode
     return feature_cache_mode(spec) == CACHE_ON
@@ -105,7 +99,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     gradients and Adam moments of what trains, the batch's saved activations) or the no-grad pass at
     EVAL_BATCH (evaluation, the feature pass), whichever is larger, plus what stays on the device all along:
     the dataset as uint8 and, for a cached frozen backbone, its fp32 features of every image."""
-    from raybench.complexity import activation_bytes_per_image, complexity
+    from raybench.complexity import activation_bytes_per_image, complexity, feature_dim
     from raybench.train import EVAL_BATCH
     cx = complexity(spec.model)
     images, side = dataset_images(spec)
@@ -121,7 +115,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
 
 def step_flops(spec: TrialSpec) -> float:
     """FLOPs of one training step, as the compute share counts them (see the module's docstring)."""
-    from raybench.complexity import complexity
+    from raybench.complexity import complexity, feature_dim
     b = spec.recipe.batch_size
     if caches_features(spec):
         return 3 * 2 * feature_dim(spec.model) * spec.model.num_classes * b
