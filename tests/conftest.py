@@ -68,6 +68,19 @@ def run_grid(*args, timeout=600, env=None, **kw):
                           text=True, timeout=timeout, env=full_env, **kw)
 
 
+def grid_main(capsys, *args) -> tuple[int, str]:
+    """`raybench.grid.main(ARGS)` in this process: (exit status, what it wrote to stderr). For input the grid
+    refuses before Ray starts, where a fresh process (run_grid) would only add its imports' seconds; one
+    test per kind of refusal still goes through run_grid, as a user's shell does."""
+    from raybench.grid import main
+    capsys.readouterr()  # what earlier steps of the test printed
+    try:
+        rc = main(list(map(str, args)))
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 def dashboard_get(url: str, path: str):
     """GET a dashboard API path; Ray's token auth (on by default) wants the token ray.init wrote."""
     import json
@@ -153,6 +166,21 @@ def smoke_watched(tmp_path_factory):
 def smoke_run(smoke_watched):
     """(run folder, the grid's stdout) of the session's smoke run."""
     return smoke_watched.run_dir, smoke_watched.stdout
+
+
+# `scripts/test.sh` runs the suite on two xdist workers: most of a test's time here is waiting on a Ray start, a
+# worker process's imports or a subprocess, so two at once keep both cores busy. Tests that share an expensive
+# fixture are sent to one worker, so it is built once; any other test goes wherever a worker is free.
+SHARED_FIXTURES = ("smoke_watched", "gpuless_head", "fake_cluster", "cpu_check", "tiny_bench", "cached_swin_run",
+                   "run_dir")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 # Tests here run Ray, torch.compile and Trials inside the pytest process. Their native threads crashed the

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_grid
+from conftest import grid_main, run_grid
 from raybench.complexity import complexity, count_flops, feature_dim, measure
 from raybench.configs import (ConfigError, DataSpec, HFConfig, PyConfig, Recipe, ResNetConfig, SwinConfig,
                               TorchvisionConfig, TrialSpec, ViTConfig, parse_model_name)
@@ -340,11 +340,11 @@ def test_the_example_adds_two_models_to_the_seed_study_and_offline_is_refused_be
 
 
 @pytest.mark.parametrize("gpus", [0, 1])  # 1: the GPU-share rule needs the model's size first
-def test_the_grid_refuses_an_hf_checkpoint_it_cannot_get_before_ray_starts(tmp_path, gpus):
+def test_the_grid_refuses_an_hf_checkpoint_it_cannot_get_before_ray_starts(tmp_path, capsys, gpus):
     exp = experiment(tmp_path, [{"name": "hf:facebook/deit-tiny-patch16-224", "finetune": True}], name="offline")
-    r = run_grid("--experiment", exp, "--gpus", gpus, "--results-dir", tmp_path / "res", timeout=120)
-    assert r.returncode == 2 and "'facebook/deit-tiny-patch16-224' are not in the Hugging Face cache" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
+    rc, err = grid_main(capsys, "--experiment", exp, "--gpus", gpus, "--results-dir", tmp_path / "res")
+    assert rc == 2 and "'facebook/deit-tiny-patch16-224' are not in the Hugging Face cache" in err
+    assert "Traceback" not in err and not (tmp_path / "res").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import TINY_VIT, run_grid
+from conftest import TINY_VIT, grid_main, run_grid
 from raybench.experiments import load_experiment
 
 SMOKE = load_experiment("smoke")
@@ -216,7 +216,7 @@ def read_epochs(run_dir: Path) -> pd.DataFrame:
 
 
 def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
-    exp = write_experiment(tmp_path / "kill.yaml", ["vit-p4-e64-l2-h2-m2"], epochs=4, train_size=3000)
+    exp = write_experiment(tmp_path / "kill.yaml", ["vit-p4-e64-l2-h2-m2"], epochs=4, train_size=1000)
     run_dir = tmp_path / "res" / "kill"
     proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0",
                              "--cpus-per-trial", "2", "--results-dir", str(tmp_path / "res"), "--name", "kill",
@@ -242,7 +242,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
 def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     """Stop the driver with Ctrl+C, move the results folder (as when copying it to another disk), resume."""
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
-                           epochs=4, train_size=3000)
+                           epochs=4, train_size=1200)
     run_dir = tmp_path / "res" / "stop"
     args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "1",
             "--results-dir", str(tmp_path / "res"), "--name", "stop", "--no-analysis"]
@@ -289,15 +289,24 @@ def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     ({"models": [{"grid": [1, 2]}]}, r"models\[0\].*grid=\[1, 2\]"),
     ({"models": [{"name": "vit-p8-e32-l1-h2-m2", "patch": 5}]}, r"models\[0\].*patch=5"),
 ])
-def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, content, message):
-    import re
+def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps(content))
     t0 = time.time()
-    r = run_grid("--experiment", path, "--results-dir", tmp_path / "res", timeout=60)
-    assert r.returncode == 2 and str(path) in r.stderr and re.search(message, r.stderr), r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
+    rc, err = grid_main(capsys, "--experiment", path, "--results-dir", tmp_path / "res")
+    assert rc == 2 and str(path) in err and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "res").exists()
     assert time.time() - t0 < 30
+
+
+def test_refusals_reach_the_shell_as_exit_status_2_and_one_error_line(tmp_path):
+    """The refusals above, as a user's shell sees them: from `python -m raybench.grid` in its own process."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"models": [{"family": "vit", "patch": 5}]}))
+    for args in (["--experiment", path], ["--gpus", "-1"]):
+        r = run_grid(*args, "--results-dir", tmp_path / "res", timeout=60)
+        assert r.returncode == 2 and r.stderr.count("error: ") == 1, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -317,42 +326,41 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, conten
     (["--scheduler", "asha", "--asha-grace-epochs", "2"],
      "--asha-grace-epochs=2: must be below the longest trial's epochs (2)"),
 ])
-def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, args, message):
-    r = run_grid(*args, "--results-dir", tmp_path / "res", timeout=60)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, capsys, args, message):
+    rc, err = grid_main(capsys, *args, "--results-dir", tmp_path / "res")
+    assert rc == 2 and message in err, err
     assert not (tmp_path / "res").exists()
 
 
-def test_mlflow_missing_is_refused_before_ray_starts_with_the_install_command(tmp_path):
+def test_mlflow_missing_is_refused_before_ray_starts_with_the_install_command(tmp_path, capsys, monkeypatch):
     # Python skips a module whose sys.modules entry is None: `import mlflow` fails as where it is not installed.
-    code = ("import sys; sys.modules['mlflow'] = None; from raybench.grid import main; "
-            f"sys.exit(main(['--mlflow', '--results-dir', {str(tmp_path / 'res')!r}]))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "pip install 'raybench[mlflow]'" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "res").exists()
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    rc, err = grid_main(capsys, "--mlflow", "--results-dir", tmp_path / "res")
+    assert rc == 2 and "pip install 'raybench[mlflow]'" in err, err
+    assert "Traceback" not in err and not (tmp_path / "res").exists()
 
 
-def test_unusable_results_folders_and_run_records_are_refused(tmp_path):
+def test_unusable_results_folders_and_run_records_are_refused(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
-    r = run_grid("--results-dir", tmp_path / "a-file" / "res", timeout=60)
-    assert r.returncode == 2 and "is not a folder this user can write to" in r.stderr, r.stderr
+    rc, err = grid_main(capsys, "--results-dir", tmp_path / "a-file" / "res")
+    assert rc == 2 and "is not a folder this user can write to" in err, err
     damaged = tmp_path / "res" / "smoke-1"
     damaged.mkdir(parents=True)
     (damaged / "experiment.json").write_text("{")  # a run folder whose driver died while writing it
-    r = run_grid("--resume", "--results-dir", tmp_path / "res", "--name", "smoke-1", timeout=60)
-    assert r.returncode == 2 and f"{damaged / 'experiment.json'}: cannot be read" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    rc, err = grid_main(capsys, "--resume", "--results-dir", tmp_path / "res", "--name", "smoke-1")
+    assert rc == 2 and f"{damaged / 'experiment.json'}: cannot be read" in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("checkpoint, message", [
     ("/nonexistent/swin", "looks like a folder, but there is no folder there"),
     ("microsoft/swin-base-patch4-window7-224", "are not in the Hugging Face cache"),  # tests run offline
 ])
-def test_unreadable_swin_checkpoints_are_refused_while_sizing_gpu_shares(tmp_path, checkpoint, message):
+def test_unreadable_swin_checkpoints_are_refused_while_sizing_gpu_shares(tmp_path, capsys, checkpoint, message):
     # With GPUs the resource rule needs the architecture, read from the checkpoint's config.json.
     exp = write_experiment(tmp_path / "swin.yaml", [{"name": "swin-tiny-ft", "checkpoint": checkpoint}], 1, 64)
-    r = run_grid("--experiment", exp, "--gpus", 1, "--results-dir", tmp_path / "res", timeout=60)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    rc, err = grid_main(capsys, "--experiment", exp, "--gpus", 1, "--results-dir", tmp_path / "res")
+    assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "res").exists()
 
 

@@ -33,8 +33,9 @@ def ray_bin() -> str:
 def gpuless_head(tmp_path_factory):
     """`ray start --head --num-gpus=0`, no autoscaler, one CPU, on 127.0.0.1 in a temp dir of its own (so its
     address file is not the default one other Rays on this machine read). Yields HOST:PORT."""
+    import tempfile
     from raybench.cluster import stop_local_cluster
-    temp = tmp_path_factory.mktemp("head")
+    temp = tempfile.mkdtemp(prefix="rbh-", dir="/tmp")  # short: Ray's socket paths under it must fit in 107 bytes
     port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     r = subprocess.run([ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
@@ -45,6 +46,8 @@ def gpuless_head(tmp_path_factory):
         yield f"127.0.0.1:{port}"
     finally:
         stop_local_cluster(str(temp))
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_joins_a_token_protected_head_by_host_port(gpuless_head, tmp_path):
