@@ -77,8 +77,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-*", "--results-dir",
-                   str(tmp_path), "--name", "two-nodes", "--no-analysis"])
+        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-*", "--train-size", "500",
+                   "--test-size", "100", "--results-dir", str(tmp_path), "--name", "two-nodes", "--no-analysis"])
         assert rc == 0
     finally:
         cluster.shutdown()
