@@ -94,13 +94,11 @@ def test_cli_refuses_bad_local_cluster_arguments_before_starting_anything(tmp_pa
         foreign = short / "f"
         foreign.mkdir()
         os.chown(foreign, 65534, 65534)
-        free = []
-        for _ in range(2):  # the session's smoke run may hold the default dashboard port meanwhile
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                free.append(str(s.getsockname()[1]))
+        # free ports: a Ray of another test (the smoke run, or one on the other xdist worker) may hold the defaults
+        free = list(map(str, _free_ports(4)))
         run = subprocess.run([sys.executable, "-m", "raybench.cluster", "up-local", "--temp-dir", str(foreign),
-                              "--port", free[0], "--dashboard-port", free[1]],
+                              "--port", free[0], "--dashboard-port", free[1], "--client-port", free[2],
+                              "--agent-port", free[3]],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 1 and "is not a folder of this user's" in run.stderr, run.stderr
     import shutil
