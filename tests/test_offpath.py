@@ -232,45 +232,6 @@ def test_an_out_of_memory_trial_is_requeued_with_twice_its_share_until_a_whole_g
     assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
 
 
-def test_a_worker_node_that_dies_mid_trial_costs_at_most_the_epoch_in_flight(tmp_path):
-    """Head and worker, one CPU each, two trials: once a trial has finished an epoch on the worker, the worker
-    is removed without warning. Its trial continues from its checkpoint on the surviving head, every epoch
-    once. (In-process, as the two-node test in test_grid.py explains.)"""
-    import threading
-    from ray.cluster_utils import Cluster
-    from raybench.grid import main
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    epochs, moved = tmp_path / "dies" / "epochs.parquet", {}
-
-    def remove_worker_after_its_first_epoch():
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not moved:
-            ep = pd.read_parquet(epochs) if epochs.exists() else None
-            on_worker = ep[ep.node_id == worker.node_id].trial.unique() if ep is not None else []
-            # once that epoch's checkpoint is in Tune's storage (it is written just after the epoch's row)
-            saved = [t for t in on_worker if list((tmp_path / "dies" / "ray" / t).glob("checkpoint_*/state.pt"))]
-            if saved:
-                moved["trial"] = saved[0]
-                cluster.remove_node(worker, allow_graceful=False)
-            time.sleep(0.2)
-    killer = threading.Thread(target=remove_worker_after_its_first_epoch, daemon=True)
-    killer.start()
-    try:
-        rc = main(["--address", cluster.address, "--gpus", "0", "--only", "vit-p8", "--epochs", "4",
-                   "--train-size", "1000", "--test-size", "200", "--results-dir", str(tmp_path), "--name", "dies",
-                   "--no-analysis"])
-    finally:
-        killer.join(timeout=5)
-        cluster.shutdown()
-    assert rc == 0 and moved
-    ep = pd.read_parquet(epochs)
-    assert not ep.duplicated(["trial", "epoch"]).any()
-    assert sorted(ep.groupby("trial").epoch.apply(list).tolist()) == [[1, 2, 3, 4]] * 2
-    assert ep[ep.trial == moved["trial"]].node_id.nunique() == 2  # began on the worker, ended on the head
-
-
 def test_the_seed_study_fits_four_gpus_because_cached_fine_tunes_are_charged_for_their_head():
     """A frozen, feature-cached Swin's steps run only its 768 x 100 head: it gets the smallest share, and the
     whole seed study asks for at most the 4 GPUs it is run with (it asked for 5.125 when the fine-tunes were
