@@ -1,5 +1,5 @@
-"""The grid end to end with real Ray on this machine: packing by GPU fractions, two nodes (one of which dies), a killed trial,
-a stopped driver and --resume, and bad input refused before anything starts."""
+"""The grid end to end with real Ray on this machine: packing by GPU fractions, two nodes (one of which dies),
+a killed trial, a stopped driver and --resume, and bad input refused before anything starts."""
 import json
 import os
 import re
