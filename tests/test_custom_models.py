@@ -304,7 +304,7 @@ def test_grid_runs_all_three_kinds_beside_a_vit(tmp_path, tiny_vit_dir, user_fol
     # --gpus 1 on a machine without CUDA: the GPU-share rule sizes every trial (measured activations), and
     # the trials train on the CPU
     r = run_grid("--experiment", exp, "--gpus", 1, "--results-dir", tmp_path, "--name", "custom",
-                 "--no-analysis", cwd=tmp_path)  # not the module's folder: the config says where it is
+                 "--no-analysis", "--no-dashboard", cwd=tmp_path)  # not the module's folder: the config says where
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = load_run(tmp_path / "custom")
     trials = run.trials.set_index("model")
