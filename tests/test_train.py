@@ -32,8 +32,9 @@ def spec_for(model, epochs=3, precision="fp32", **recipe):
 @pytest.mark.parametrize("model, recipe", [
     (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {}),
     # The ImageNet stem shrinks 32x32 inputs 4x before the first block: 15x fewer FLOPs than the CIFAR stem
-    # (same blocks, same head), which keeps this test at seconds on two CPU cores.
-    (ResNetConfig("imagenet", num_classes=10), {}),
+    # (same blocks, same head), which keeps this test at seconds on two CPU cores. One epoch: it took 5.5 s
+    # and reached 77% test accuracy (85% after two, 2026-12-02); the threshold is 30%.
+    (ResNetConfig("imagenet", num_classes=10), {"epochs": 1}),
     # The tiny Swin's "pretrained" weights are random, so its frozen features are weaker than real ones:
     # the head gets a larger learning rate than the study's 2e-5 to move in 3 short epochs.
     ("swin-ft", {"lr": 3e-3}),
@@ -42,8 +43,9 @@ def spec_for(model, epochs=3, precision="fp32", **recipe):
 def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, tiny_swin_dir):
     if isinstance(model, str):
         model = SwinConfig(tiny_swin_dir, finetune=model == "swin-ft", num_classes=10)
-    _, recs = run(spec_for(model, **recipe), small_synthetic)
-    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    spec = spec_for(model, **recipe)
+    _, recs = run(spec, small_synthetic)
+    assert [r["epoch"] for r in recs] == list(range(1, spec.recipe.epochs + 1))
     assert recs[-1]["status"] == STATUS_OK
     assert recs[-1]["test_acc"] > CHANCE_BEATEN, recs
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_time_s", "eval_time_s",
