@@ -68,17 +68,22 @@ def run_grid(*args, timeout=600, env=None, **kw):
                           text=True, timeout=timeout, env=full_env, **kw)
 
 
-def grid_main(capsys, *args) -> tuple[int, str]:
-    """`raybench.grid.main(ARGS)` in this process: (exit status, what it wrote to stderr). For input the grid
-    refuses before Ray starts, where a fresh process (run_grid) would only add its imports' seconds; one
-    test per kind of refusal still goes through run_grid, as a user's shell does."""
-    from raybench.grid import main
+def cli_main(capsys, main, *args) -> tuple[int, str]:
+    """A command's `main(ARGS)` in this process: (exit status, what it wrote to stderr). For input a command
+    refuses, where a fresh process would only add its imports' seconds (2-3 s of CPU each here); one test per
+    kind of refusal still runs the command in a process of its own, as a user's shell does."""
     capsys.readouterr()  # what earlier steps of the test printed
     try:
         rc = main(list(map(str, args)))
     except SystemExit as e:  # argparse's own refusals
         rc = e.code
     return rc, capsys.readouterr().err
+
+
+def grid_main(capsys, *args) -> tuple[int, str]:
+    """`raybench.grid.main(ARGS)` in this process (cli_main), for input the grid refuses before Ray starts."""
+    from raybench.grid import main
+    return cli_main(capsys, main, *args)
 
 
 def dashboard_get(url: str, path: str):

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
+from conftest import cli_main
 from raybench.analysis import (analyse, caveats, family_colors, find_run_dir, findings, load_run, make_plots,
                                summary_tables, write_report)
 from raybench.configs import ResNetConfig, SwinConfig, ViTConfig, parse_model_name
@@ -578,7 +579,7 @@ def test_find_run_dir(tmp_path, monkeypatch):
     assert find_run_dir("explicit", start=tmp_path) == Path("explicit")
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     # The command's wiring, on a small run: the study's numbers are the in-process tests' to check.
     run_dir = small_run(tmp_path / "run", {VITS[0]: 0.30, VITS[3]: 0.35}, resnet=0.38)
     cmd = [sys.executable, "-m", "raybench.analysis"]
@@ -592,10 +593,11 @@ def test_cli(tmp_path):
     assert "Traceback" not in bad.stderr
     assert f"run folder {tmp_path / 'empty'} holds no trials.parquet" in bad.stderr
     (tmp_path / "a-file").write_text("")
+    from raybench.analysis.__main__ import main  # the other refusals in this process (cli_main)
     for args, message in (([tmp_path / "a-file"], "is not a folder"),
                           ([run_dir, "--out", tmp_path / "a-file"], str(tmp_path / "a-file"))):
-        bad = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True)
-        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        rc, err = cli_main(capsys, main, *args)
+        assert rc == 1 and message in err and "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------------------------------- notebook
