@@ -10,6 +10,14 @@ import pytest
 # Tests never reach the network: Hugging Face must answer from disk, and fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist the workers share the machine's cores: each worker, and every process it starts, gets its
+# share of torch/OpenMP threads (1 for 2 workers on 2 cores) instead of one per core each. Oversubscribed, their
+# OpenMP threads spin against each other: tests/test_{models,complexity,speed,data,configs}.py on two workers
+# took 51 core-seconds so, 38 with one thread each (2026-12-02, 2 cores; two runs each way). Set before torch
+# is imported; trials still set their own threads from their Ray CPUs.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 from raybench.configs import (HFConfig, PyConfig, ResNetConfig, SwinConfig, TorchvisionConfig,  # noqa: E402
                               ViTConfig)  # (after the environment above)
