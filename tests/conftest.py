@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist the workers share the machine's cores: each worker, and every process it starts, gets its
 # share of torch/OpenMP threads (1 for 2 workers on 2 cores) instead of one per core each. Oversubscribed, their
 # OpenMP threads spin against each other: tests/test_{models,complexity,speed,data,configs}.py on two workers
-# took 51 core-seconds so, 38 with one thread each (2026-12-02, 2 cores; two runs each way). Set before torch
-# is imported; trials still set their own threads from their Ray CPUs.
+# took 50 and 53 core-seconds so, 40 to 43 with one thread each (2026-12-02, 2 cores; three runs). Set before
+# torch is imported; trials still set their own threads from their Ray CPUs.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -86,6 +86,14 @@ def cli_main(capsys, main, *args) -> tuple[int, str]:
     except SystemExit as e:  # argparse's own refusals
         rc = e.code
     return rc, capsys.readouterr().err
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listened on a moment ago (the OS picked it)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def grid_main(capsys, *args) -> tuple[int, str]:

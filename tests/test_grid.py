@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import TINY_VIT, grid_main, run_grid
+from conftest import TINY_VIT, free_port, grid_main, run_grid
 from raybench.experiments import load_experiment
 
 SMOKE = load_experiment("smoke")
@@ -56,14 +56,11 @@ def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored
     Meanwhile the default address file names a Ray that is gone, as a `ray start --head` whose processes died
     leaves /tmp/ray/ray_current_cluster; `ray.init()` would join that and refuse num_cpus/num_gpus (Ray 2.60).
     The default run must not care. (In this test rather than one of its own: one local Ray start fewer.)"""
-    import socket
     from ray._common.utils import get_ray_address_file
     path = Path(get_ray_address_file(None))
     before = path.read_text() if path.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:  # a free port: nothing answers there
-        s.bind(("127.0.0.1", 0))
-        path.write_text(f"127.0.0.1:{s.getsockname()[1]}")
+    path.write_text(f"127.0.0.1:{free_port()}")  # nothing answers there
     try:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         r = run_grid("--gpus", 0, "--cpus", 1, "--no-dashboard", "--only", "vit-p8-*", "--epochs", 1,
