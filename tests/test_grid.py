@@ -269,51 +269,35 @@ def read_epochs(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["trial", "epoch", "pid"])
 
 
-def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
-    exp = write_experiment(tmp_path / "kill.yaml", ["vit-p4-e64-l2-h2-m2"], epochs=4, train_size=1000)
-    run_dir = tmp_path / "res" / "kill"
-    proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0",
-                             "--cpus-per-trial", "2", "--results-dir", str(tmp_path / "res"), "--name", "kill",
-                             "--no-analysis", "--no-dashboard"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: len(read_epochs(run_dir)) >= 1)
-        first = read_epochs(run_dir)
-        time.sleep(0.5)  # into epoch 2
-        os.kill(int(first.pid.iloc[0]), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    epochs = read_epochs(run_dir)
-    assert sorted(epochs.epoch) == [1, 2, 3, 4]  # each epoch exactly once
-    assert epochs.pid.nunique() == 2  # the retry ran in a new process, from the epoch-1 checkpoint
-    assert (epochs.threads == 2).all()  # --cpus-per-trial 2, in the first process and in the retry
-    assert "retrying from its last checkpoint" in out
-    assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
-
-
-def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
-    """Stop the driver with Ctrl+C, move the results folder (as when copying it to another disk), resume."""
+def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes_without_repeating_trials(tmp_path):
+    """Both ways a run loses a process, in one run (one Ray start fewer than a run each). Two CPUs, two per
+    trial: one trial at a time, in grid order. Once the first trial has finished, the second one's process is
+    killed with SIGKILL in its second epoch: Tune retries it from its epoch-1 checkpoint in a new process. As
+    soon as the retry has reported an epoch, the driver is stopped with Ctrl+C; the results folder is moved
+    (as when copying it to another disk) and the run resumed."""
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
                            epochs=4, train_size=1200)
+    first_trial, second_trial = "vit-p8-e32-l1-h2-m2-seed", "vit-p4-e64-l2-h2-m2-seed"
     run_dir = tmp_path / "res" / "stop"
-    args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "1",
-            "--results-dir", str(tmp_path / "res"), "--name", "stop", "--no-analysis", "--no-dashboard"]
+    args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "2",
+            "--cpus-per-trial", "2", "--results-dir", str(tmp_path / "res"), "--name", "stop", "--no-analysis",
+            "--no-dashboard"]
+    second_rows = lambda: (lambda e: e[e.trial == second_trial])(read_epochs(run_dir))
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def first_done_second_started():
-            e = read_epochs(run_dir)
-            done = e.groupby("trial").epoch.max().to_dict() if len(e) else {}
-            return done.get("vit-p8-e32-l1-h2-m2-seed") == 4 and "vit-p4-e64-l2-h2-m2-seed" in done
-        wait_for(first_done_second_started)
-        time.sleep(1.5)  # let Tune snapshot the finished trial (TUNE_GLOBAL_CHECKPOINT_S=1)
+        killed = int(wait_for(lambda: len(second_rows()) and second_rows().pid.iloc[0]))
+        time.sleep(0.5)  # into epoch 2
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: (second_rows().pid != killed).any())  # the retry's first epoch
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     before = read_epochs(run_dir)
-    assert before.groupby("trial").epoch.max()["vit-p4-e64-l2-h2-m2-seed"] < 4, out[-2000:]
+    first, second = (before[before.trial == t] for t in (first_trial, second_trial))
+    assert sorted(first.epoch) == [1, 2, 3, 4] and second.epoch.max() < 4, out[-3000:]
+    assert not second.epoch.duplicated().any() and second.pid.nunique() == 2 and killed in set(second.pid)
+    assert "retrying from its last checkpoint" in out
     assert "--resume" in out
 
     (tmp_path / "res").rename(tmp_path / "moved")
@@ -322,12 +306,13 @@ def test_a_stopped_driver_resumes_without_repeating_finished_trials(tmp_path):
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = read_epochs(run_dir)
-    done_first = lambda e: e[e.trial == "vit-p8-e32-l1-h2-m2-seed"].sort_values("epoch")
+    done_first = lambda e: e[e.trial == first_trial].sort_values("epoch")
     # the finished trial was not run again: its rows are the very same reports
     assert done_first(after)[["epoch", "pid", "finished_at"]].values.tolist() == \
         done_first(before)[["epoch", "pid", "finished_at"]].values.tolist()
-    second = after[after.trial == "vit-p4-e64-l2-h2-m2-seed"]
-    assert sorted(second.epoch) == [1, 2, 3, 4]
+    second = after[after.trial == second_trial]
+    assert sorted(second.epoch) == [1, 2, 3, 4]  # each epoch exactly once
+    assert (after.threads == 2).all()  # --cpus-per-trial 2: in the first process, the retry and the resumed run
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
     assert not (tmp_path / "res").exists()  # nothing written where the run folder used to be
 
@@ -418,42 +403,36 @@ def test_unreadable_swin_checkpoints_are_refused_while_sizing_gpu_shares(tmp_pat
     assert not (tmp_path / "res").exists()
 
 
-def test_a_diverging_trial_is_recorded_and_the_others_go_on(tmp_path):
-    exp = write_experiment(tmp_path / "div.yaml", ["vit-p8-e32-l1-h2-m2",
-                                                   {"name": "vit-p8-e32-l2-h2-m2", "recipe": {"lr": 1e12}}],
-                           epochs=3, train_size=500)
-    # a relative --storage-path is taken from the working folder, as a user typing it expects
-    r = run_grid("--experiment", exp, "--gpus", 0, "--results-dir", tmp_path / "res", "--name", "div",
-                 "--no-analysis", "--no-dashboard", "--storage-path", "tune-state", cwd=tmp_path)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # not every trial ok
-    trials = pd.read_parquet(tmp_path / "res" / "div" / "trials.parquet").set_index("trial")
-    assert trials.status.to_dict() == {"vit-p8-e32-l1-h2-m2-seed": "ok", "vit-p8-e32-l2-h2-m2-seed": "diverged"}
-    assert "non-finite training loss" in trials.error["vit-p8-e32-l2-h2-m2-seed"]
-    assert "DIVERGED" in r.stdout
-    assert (tmp_path / "tune-state" / "div").is_dir()
-
-
-def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(tmp_path):
-    """lr 3 (AdamW) leaves a ViT at chance (~10% on 10 classes) while lr 1e-3 reaches ~30% in one epoch. One
-    CPU runs the trials one after another in grid order, so the good trial reaches ASHA's rung (epoch 1)
-    first and the hopeless one is measured against it there."""
+def test_a_diverging_trial_is_recorded_asha_stops_a_hopeless_one_and_mlflow_has_every_trial_and_epoch(tmp_path):
+    """Two ways a trial goes wrong, in one run (one Ray start fewer than a run each). lr 3 (AdamW) leaves a ViT
+    at chance (~10% on 10 classes) while lr 1e-3 reaches ~30% in one epoch: one CPU runs the trials one after
+    another in grid order, so the good trial reaches ASHA's rung (epoch 1) first and the hopeless one is
+    measured against it there. lr 1e12 makes the third one's loss non-finite: it is recorded as diverged and
+    the others go on."""
     pytest.importorskip("mlflow", reason="the test extra installs mlflow (pip install 'raybench[mlflow]')")
     from mlflow.tracking import MlflowClient
-    good, bad = "vit-p8-e32-l1-h2-m2", "vit-p8-e32-l2-h2-m2"
-    exp = write_experiment(tmp_path / "asha.yaml", [good, {"name": bad, "recipe": {"lr": 3.0}}], epochs=3,
-                           train_size=1000)
+    good, bad, wild = "vit-p8-e32-l1-h2-m2", "vit-p8-e32-l2-h2-m2", "vit-p8-e64-l1-h2-m2"
+    exp = write_experiment(tmp_path / "asha.yaml", [good, {"name": bad, "recipe": {"lr": 3.0}},
+                                                    {"name": wild, "recipe": {"lr": 1e12}}],
+                           epochs=3, train_size=1000)
+    # a relative --storage-path is taken from the working folder, as a user typing it expects
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 1, "--scheduler", "asha", "--asha-grace-epochs", 1,
-                 "--mlflow", "--no-dashboard", "--results-dir", tmp_path / "res", "--name", "asha")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # stopped early is not a failure
+                 "--mlflow", "--no-dashboard", "--results-dir", tmp_path / "res", "--name", "asha",
+                 "--storage-path", "tune-state", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a diverged trial is a failure
+    assert (tmp_path / "tune-state" / "asha").is_dir()
     run_dir = tmp_path / "res" / "asha"
     trials = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
-    assert trials.status.to_dict() == {f"{good}-seed": "ok", f"{bad}-seed": "stopped-early"}
-    assert trials.epochs_done.to_dict() == {f"{good}-seed": 3, f"{bad}-seed": 1}
+    assert trials.status.to_dict() == {f"{good}-seed": "ok", f"{bad}-seed": "stopped-early",
+                                       f"{wild}-seed": "diverged"}
+    assert "non-finite training loss" in trials.error[f"{wild}-seed"] and "DIVERGED" in r.stdout
+    assert trials.epochs_done.to_dict() == {f"{good}-seed": 3, f"{bad}-seed": 1, f"{wild}-seed": 1}
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert sorted(zip(epochs.trial, epochs.epoch)) == [(f"{good}-seed", 1), (f"{good}-seed", 2),
-                                                      (f"{good}-seed", 3), (f"{bad}-seed", 1)]
+                                                      (f"{good}-seed", 3), (f"{bad}-seed", 1), (f"{wild}-seed", 1)]
     assert f"{bad}-seed: stopped early by the scheduler after 1/3 epochs" in r.stdout
-    assert "1 ok, 1 stopped-early" in r.stdout.replace("1 stopped-early, 1 ok", "1 ok, 1 stopped-early")
+    counts = re.search(r"\[grid\] 3 trials: (.*) \(accuracies", r.stdout).group(1)
+    assert sorted(counts.split(", ")) == ["1 diverged", "1 ok", "1 stopped-early"], counts
     # the analysis keeps it in the per-trial table and says why it is not in the findings
     report = (run_dir / "analysis" / "report.md").read_text()
     assert "1 stopped-early trial(s) were ended by the scheduler (ASHA)" in report
@@ -477,11 +456,11 @@ def test_asha_stops_a_hopeless_trial_early_and_mlflow_has_every_trial_and_epoch(
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
             list(zip(mine.epoch, mine.test_acc))
 
-    # --resume keeps the scheduler's decision: the stopped trial is not trained on
+    # --resume keeps the scheduler's decision and the divergence: neither trial is trained on
     again = run_grid("--experiment", exp, "--results-dir", tmp_path / "res", "--name", "asha", "--resume",
-                     "--no-analysis")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+                     "--no-analysis", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
     after = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
-    assert after.status.to_dict() == trials.status.to_dict() and after.epochs_done.to_dict() == {
-        f"{good}-seed": 3, f"{bad}-seed": 1}
+    assert after.status.to_dict() == trials.status.to_dict()
+    assert after.epochs_done.to_dict() == trials.epochs_done.to_dict()
     assert pd.read_parquet(run_dir / "epochs.parquet").equals(epochs)

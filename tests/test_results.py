@@ -22,3 +22,18 @@ def test_trials_record_the_precision_asked_then_the_one_the_device_used(tmp_path
     writer._update_trial(specs[0].name, status="running")
     trials = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial")
     assert trials.precision.to_dict() == {specs[0].name: "bf16", specs[1].name: "fp32"}
+
+
+def test_a_trial_stopped_by_the_scheduler_is_not_a_failure_and_a_diverged_one_is(tmp_path):
+    """The grid's exit status is 0 exactly when all_ok(): ASHA's early stops keep it 0 (test_grid's ASHA run
+    ends 1 because a trial there also diverges)."""
+    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    specs = [TrialSpec(model, default_recipe(recipe, model), DataSpec("synthetic", train_size=64, test_size=32))
+             for recipe in ("seed", "improved")]
+    writer = ResultsWriter(tmp_path, trial_rows(specs, {s.name: {"cpu": 1, "gpu": 0} for s in specs}))
+    assert not writer.all_ok()  # pending trials have not ended
+    writer._update_trial(specs[0].name, status="ok")
+    writer._update_trial(specs[1].name, status="stopped-early")
+    assert writer.all_ok()
+    writer._update_trial(specs[1].name, status="diverged")
+    assert not writer.all_ok()
