@@ -282,10 +282,17 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "2",
             "--cpus-per-trial", "2", "--results-dir", str(tmp_path / "res"), "--name", "stop", "--no-analysis",
             "--no-dashboard"]
-    second_rows = lambda: (lambda e: e[e.trial == second_trial])(read_epochs(run_dir))
+
+    def second_rows():
+        e = read_epochs(run_dir)
+        return e[e.trial == second_trial]
+
+    def second_pid():
+        rows = second_rows()
+        return int(rows.pid.iloc[0]) if len(rows) else None
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        killed = int(wait_for(lambda: len(second_rows()) and second_rows().pid.iloc[0]))
+        killed = wait_for(second_pid)
         time.sleep(0.5)  # into epoch 2
         os.kill(killed, signal.SIGKILL)
         wait_for(lambda: (second_rows().pid != killed).any())  # the retry's first epoch

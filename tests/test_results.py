@@ -2,13 +2,14 @@
 device did once epochs arrive."""
 import pandas as pd
 
-from raybench.configs import DataSpec, TrialSpec, ViTConfig, default_recipe
-from raybench.records import EPOCH_COLUMNS
+from conftest import TINY_VIT
+from raybench.configs import DataSpec, TrialSpec, default_recipe
+from raybench.records import DIVERGED, EPOCH_COLUMNS, OK, STOPPED_EARLY
 from raybench.results import ResultsWriter, trial_rows, write_atomic
 
 
 def test_trials_record_the_precision_asked_then_the_one_the_device_used(tmp_path):
-    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    model = TINY_VIT
     specs = [TrialSpec(model, default_recipe("seed", model), DataSpec("synthetic", train_size=64, test_size=32)),
              TrialSpec(model, default_recipe("improved", model), DataSpec("synthetic", train_size=64, test_size=32),
                        precision="fp32")]
@@ -27,13 +28,13 @@ def test_trials_record_the_precision_asked_then_the_one_the_device_used(tmp_path
 def test_a_trial_stopped_by_the_scheduler_is_not_a_failure_and_a_diverged_one_is(tmp_path):
     """The grid's exit status is 0 exactly when all_ok(): ASHA's early stops keep it 0 (test_grid's ASHA run
     ends 1 because a trial there also diverges)."""
-    model = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+    model = TINY_VIT
     specs = [TrialSpec(model, default_recipe(recipe, model), DataSpec("synthetic", train_size=64, test_size=32))
              for recipe in ("seed", "improved")]
     writer = ResultsWriter(tmp_path, trial_rows(specs, {s.name: {"cpu": 1, "gpu": 0} for s in specs}))
     assert not writer.all_ok()  # pending trials have not ended
-    writer._update_trial(specs[0].name, status="ok")
-    writer._update_trial(specs[1].name, status="stopped-early")
+    writer._update_trial(specs[0].name, status=OK)
+    writer._update_trial(specs[1].name, status=STOPPED_EARLY)
     assert writer.all_ok()
-    writer._update_trial(specs[1].name, status="diverged")
+    writer._update_trial(specs[1].name, status=DIVERGED)
     assert not writer.all_ok()
