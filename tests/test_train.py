@@ -29,8 +29,10 @@ def spec_for(model, epochs=3, precision="fp32", **recipe):
     return TrialSpec(model, r, DataSpec("synthetic", train_size=2000, test_size=500), seed=0, precision=precision)
 
 
+# Epochs per family: the fewest that still clear CHANCE_BEATEN by a wide margin. Measured 2026-12-03 (fp32,
+# one thread): the ViT 48/59/70% after epochs 1/2/3, Swin from scratch 40/50/60% at 8 s an epoch.
 @pytest.mark.parametrize("model, recipe", [
-    (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {}),
+    (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {"epochs": 1}),
     # The ImageNet stem shrinks 32x32 inputs 4x before the first block: 15x fewer FLOPs than the CIFAR stem
     # (same blocks, same head), which keeps this test at seconds on two CPU cores. One epoch: it took 5.5 s
     # and reached 77% test accuracy (85% after two, 2026-12-02); the threshold is 30%.
@@ -38,7 +40,7 @@ def spec_for(model, epochs=3, precision="fp32", **recipe):
     # The tiny Swin's "pretrained" weights are random, so its frozen features are weaker than real ones:
     # the head gets a larger learning rate than the study's 2e-5 to move in 3 short epochs.
     ("swin-ft", {"lr": 3e-3}),
-    ("swin-scratch", {"lr": 1e-3}),
+    ("swin-scratch", {"lr": 1e-3, "epochs": 2}),
 ], ids=["vit", "resnet18", "swin-ft", "swin-scratch"])
 def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, tiny_swin_dir):
     if isinstance(model, str):
