@@ -272,10 +272,10 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
     assert refused.returncode == 2 and "no node type the autoscaler may add can hold it" in refused.stderr, (
         refused.stdout[-2000:] + refused.stderr[-2000:])
     assert not (tmp_path / "too-big").exists()
-    # every smoke trial, at 1 epoch of 1000 images: what is checked is where they run, not what they learn
+    # every smoke trial, at 1 epoch of 400 images: what is checked is where they run, not what they learn
     run = subprocess.run([sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--address",
                           fake_cluster.address, "--gpus", "2", "--cpus-per-trial", "0.5", "--epochs", "1",
-                          "--train-size", "1000", "--test-size", "200", "--results-dir", str(tmp_path),
+                          "--train-size", "400", "--test-size", "100", "--results-dir", str(tmp_path),
                           "--name", "fake", "--no-analysis"],
                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert run.returncode == 0, f"grid failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
@@ -323,8 +323,8 @@ def test_a_job_submitted_with_the_working_dir_finishes_the_smoke_grid(another_fa
     job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
                           cluster.dashboard_url, "--working-dir", ".", "--",
                           "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-p8-*",
-                          "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5",
-                          "--results-dir", str(tmp_path), "--name", "job"],
+                          "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5", "--train-size", "400",
+                          "--test-size", "100", "--results-dir", str(tmp_path), "--name", "job"],
                          env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
