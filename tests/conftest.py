@@ -129,10 +129,10 @@ def smoke_watched(tmp_path_factory):
     is asked what it shows and the grid's processes which sockets they listen on, so that the dashboard checks
     need no grid of their own (one Ray start fewer).
 
-    A tiny trial's actor is ALIVE for about a second (its imports come before, while Ray lists it PENDING), less
-    than two looks apart: seen on 2026-12-03, one run in four missed a ViT's. So every actor the dashboard lists
-    is kept with the states it was seen in; an actor that ended between two looks is still listed, DEAD, under
-    its name."""
+    A tiny trial's actor is ALIVE for about a second (its imports come before, while Ray lists it PENDING): at
+    one look every 0.5 s, one run in four missed a ViT's (2026-12-03). So the live actors are asked for every
+    0.2 s, filtered by the dashboard to the ALIVE ones, and the costlier looks (the jobs, every process's
+    sockets) are taken less often."""
     import re
     import subprocess
     import sys
@@ -156,28 +156,31 @@ def smoke_watched(tmp_path_factory):
                 lines.append(line)
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
-        actor_states, jobs, sockets = {}, [], set()
+        alive_actors, jobs, sockets = set(), [], set()
         dashboard = re.compile(r"Ray dashboard: (http://\S+)")
+        alive = "/api/v0/actors?detail=1&limit=100&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
         driver_running = lambda: any(j.get("type") == "DRIVER" and j.get("status") == "RUNNING" for j in jobs)
         try:
-            deadline = time.time() + 600
-            ran = lambda: {name for name, states in actor_states.items() if states & {"ALIVE", "DEAD"}}
-            # until every trial was seen running or ended and the driver running: the trials are short, so look often
-            while (proc.poll() is None and time.time() < deadline and not (trials <= ran() and driver_running())):
+            deadline, next_sockets = time.time() + 600, 0.0
+            # until every trial was seen alive and the driver running
+            while (proc.poll() is None and time.time() < deadline
+                   and not (trials <= alive_actors and driver_running())):
                 m = dashboard.search("".join(lines))
                 if m:
                     url = m.group(1)
                     try:
-                        actors = dashboard_get(url, "/api/v0/actors?detail=1&limit=100")["data"]["result"]["result"]
-                        for a in actors:
-                            actor_states.setdefault(a.get("repr_name"), set()).add(a.get("state"))
-                        jobs += dashboard_get(url, "/api/jobs/")
-                        sockets |= set(listening(proc.pid))
+                        actors = dashboard_get(url, alive)["data"]["result"]["result"]
+                        alive_actors |= {a.get("repr_name") for a in actors}
+                        if not driver_running():
+                            jobs += dashboard_get(url, "/api/jobs/")
+                        if time.time() >= next_sockets:  # psutil reads every process's sockets: once a second
+                            sockets |= set(listening(proc.pid))
+                            next_sockets = time.time() + 1
                     except (OSError, ValueError, KeyError, psutil.Error):
                         # the dashboard is starting up or has stopped (the analysis runs after Ray), or a worker
                         # process ended between being listed and being asked for its name
                         pass
-                time.sleep(0.5)
+                time.sleep(0.2)
             proc.wait(timeout=max(1, deadline - time.time()))
         finally:
             proc.kill()
@@ -186,7 +189,7 @@ def smoke_watched(tmp_path_factory):
     assert proc.returncode == 0, out[-3000:] + stderr.read_text()[-3000:]
     m = dashboard.search(out)
     return SimpleNamespace(run_dir=results / "smoke", stdout=out, dashboard_url=m and m.group(1),
-                           actor_states=actor_states, jobs=jobs, sockets=sockets)
+                           alive_actors=alive_actors, jobs=jobs, sockets=sockets)
 
 
 @pytest.fixture(scope="session")
