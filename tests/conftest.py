@@ -201,7 +201,8 @@ def smoke_run(smoke_watched):
 # `scripts/test.sh` runs the suite on two xdist workers: most of a test's time here is waiting on a Ray start, a
 # worker process's imports or a subprocess, so two at once keep both cores busy. Tests that share an expensive
 # fixture are sent to one worker, so it is built once; any other test goes wherever a worker is free.
-SHARED_FIXTURES = ("smoke_watched", "gpuless_head", "cpu_check", "tiny_bench", "cached_swin_run", "run_dir")
+SHARED_FIXTURES = ("smoke_watched", "gpuless_head", "cpu_check", "tiny_bench", "cached_swin_run", "run_dir",
+                   "local_ray")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks

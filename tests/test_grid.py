@@ -183,68 +183,6 @@ def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
     assert max_concurrent({"a": {"gpu": 0.0}}, 2) == 0  # CPU trials are not capped by GPUs
 
 
-def test_a_trial_restored_from_its_final_checkpoint_reports_it_ended(tmp_path):
-    """Tune can restore a trial from the checkpoint of its last epoch (a driver stopped between the two
-    snapshots); the trainable then has no epoch left and must say the trial ended, not raise."""
-    import ray
-    from raybench.trainable import StudyTrial
-    spec = load_experiment("smoke", epochs=1, train_size=64, test_size=32).trials[0]
-    config = {"trial": {"name": spec.name, "spec": spec.to_dict(), "resources": {"cpu": 1, "gpu": 0}}}
-    ray.init(address="local", num_cpus=1, include_dashboard=False)  # never a cluster another test left
-    try:
-        first = StudyTrial(config=config)
-        assert first.step()["status"] == "ok"
-        first.save_checkpoint(str(tmp_path))
-        restored = StudyTrial(config=config)
-        restored.load_checkpoint(str(tmp_path))
-        rec = restored.step()
-    finally:
-        ray.shutdown()
-    assert rec["done"] and rec["status"] == "ok" and rec["epoch"] == 1 and "train_loss" not in rec
-
-
-# What a record measures rather than computes: seconds, throughput, clock times and the process's peak memory
-# (on CPU the process's high-water mark, which a reused process carries over from its last trial).
-MEASURED = {"train_time_s", "eval_time_s", "cache_time_s", "compile_time_s", "images_per_s", "started_at",
-            "finished_at", "peak_memory_mb"}
-
-
-def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one():
-    """Tune's reuse_actors hands a finished trial's actor the next trial (reset_config). Two trials of
-    different models (the second a ResNet with BatchNorm, the first a ViT) run through one StudyTrial, and
-    each in its own fresh StudyTrial: the epoch records agree on everything but the measured fields."""
-    import ray
-    import raybench.trainable as trainable_module
-    from raybench.trainable import StudyTrial
-    exp = load_experiment("smoke", epochs=2, train_size=96, test_size=48)
-    specs = [next(t for t in exp.trials if t.name.startswith(p)) for p in ("vit-p8-e32-l1", "resnet18")]
-    configs = [{"trial": {"name": s.name, "spec": s.to_dict(), "resources": {"cpu": 1, "gpu": 0},
-                          "memory_bytes": 0}} for s in specs]
-
-    def records(trainable):
-        out = []
-        while not (out and out[-1]["done"]):
-            out.append({k: v for k, v in trainable.step().items() if k not in MEASURED})
-        return out
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False)  # never a cluster another test left
-    try:
-        reused = StudyTrial(config=configs[0])
-        first_run = records(reused)
-        assert reused.reset_config(configs[1]) is True
-        second_run = records(reused)
-        fresh = []
-        for c in configs:  # as in a new process: no dataset kept from an earlier trial
-            trainable_module._datasets.clear()
-            fresh.append(records(StudyTrial(config=c)))
-    finally:
-        ray.shutdown()
-    assert [first_run, second_run] == fresh
-    assert [r["epoch"] for r in second_run] == [1, 2] and second_run[-1]["status"] == "ok"
-    assert first_run[0]["train_loss"] != second_run[0]["train_loss"]  # two different trials were compared
-    # the second trial trained on the dataset the first one loaded, unchanged by the first one's training
-
-
 def write_experiment(path: Path, models: list, epochs: int, train_size: int) -> Path:
     path.write_text(json.dumps({  # JSON is YAML
         "name": path.stem, "dataset": {"name": "synthetic", "train_size": train_size, "test_size": 200},
