@@ -6,14 +6,14 @@ from pathlib import Path
 from raybench.analysis.findings import caveats, findings
 from raybench.analysis.load import Run, load_run
 from raybench.analysis.plots import PLOT_STEMS, make_plots
-from raybench.analysis.tables import summary_tables, table_titles, to_markdown, write_tables
+from raybench.analysis.tables import save_tables, summary_tables, table_titles, to_markdown
 
 
 def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     """Writes the tables, the plots (unless given) and report.md into out_dir; returns report.md's path."""
     out_dir = Path(out_dir)
     titles, tables = table_titles(run), summary_tables(run)
-    written = write_tables(run, out_dir)
+    written = save_tables(tables, titles, out_dir)
     plots = make_plots(run, out_dir) if plots is None else plots
     _remove_stale(out_dir, set(written) | set(plots), tables)
     lines = [f"# raybench analysis: {run.name} ({run.label})", "",

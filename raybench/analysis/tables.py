@@ -139,10 +139,15 @@ def to_markdown(df: pd.DataFrame, title: str = "") -> str:
 
 def write_tables(run: Run, out_dir) -> list[Path]:
     """Each non-empty table of summary_tables(run) as <name>.md and <name>.parquet in out_dir."""
+    return save_tables(summary_tables(run), table_titles(run), out_dir)
+
+
+def save_tables(tables: dict[str, pd.DataFrame], titles: dict[str, str], out_dir) -> list[Path]:
+    """write_tables for tables already computed (the report writes the ones it also prints)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    titles, written = table_titles(run), []
-    for name, df in summary_tables(run).items():
+    written = []
+    for name, df in tables.items():
         if df.empty:
             continue
         (out_dir / f"{name}.md").write_text(to_markdown(df, titles[name]), encoding="utf-8")
