@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from raybench.configs import ResNetConfig, TrialSpec, ViTConfig
+from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
                               versions)
 
@@ -37,6 +37,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "stem": m.stem if isinstance(m, ResNetConfig) else None,
             "pretrained": bool(getattr(m, "pretrained", False) or m.frozen_backbone),
             "finetune": m.frozen_backbone,
+            "swin_size": m.short if isinstance(m, SwinConfig) else None,
             "params": cx.params, "trainable_params": cx.trainable_params, "flops": float(cx.flops),
             "flops_source": cx.flops_source,
             "gflops": cx.gflops, "image_size": cx.input_size,

@@ -68,7 +68,8 @@ def trial(model: str, recipe: str = "seed", final: float = 0.4, *, seed: int = 0
         heads=getattr(cfg, "heads", None), mlp_ratio=getattr(cfg, "mlp_ratio", None),
         stem=getattr(cfg, "stem", None), pretrained=bool(getattr(cfg, "pretrained", False) or
                                                           getattr(cfg, "finetune", False)),
-        finetune=bool(getattr(cfg, "finetune", False)), params=params, trainable_params=trainable, flops=flops,
+        finetune=bool(getattr(cfg, "finetune", False)), swin_size=cfg.short if swin else None, params=params,
+        trainable_params=trainable, flops=flops,
         gflops=flops / 1e9, image_size=224 if swin else 32, batch_size=32 if swin else 64, lr=1e-3,
         optimizer="adam", epochs=epochs, gpu_fraction=0.25, cpus=1.0, device="NVIDIA H100 80GB HBM3",
         dataset="synthetic", synthetic=True, status=status, error=error, epochs_done=len(rows),
@@ -389,6 +390,10 @@ def test_swin_and_efficiency_statements_follow_the_data(tmp_path):
     swin["swin-small-ft"] = (0.66, 30.0)  # now Small wins
     size = finding(load_run(small_run(tmp_path / "b", {}, swin=swin)), "swin_small_vs_tiny_ft")
     assert size.values["delta_points"] == pytest.approx(6.0) and "(+6.0 points for Small)" in size.text
+    # a run written before trials.parquet had swin_size: the sizes come from the model names, once on load
+    trials = pd.read_parquet(tmp_path / "b" / "trials.parquet")
+    trials.drop(columns=["swin_size"]).to_parquet(tmp_path / "b" / "trials.parquet")
+    assert finding(load_run(tmp_path / "b"), "swin_small_vs_tiny_ft").values == size.values
 
 
 def test_recipe_statement(run_dir):

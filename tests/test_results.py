@@ -38,3 +38,16 @@ def test_a_trial_stopped_by_the_scheduler_is_not_a_failure_and_a_diverged_one_is
     assert writer.all_ok()
     writer._update_trial(specs[1].name, status=DIVERGED)
     assert not writer.all_ok()
+
+
+def test_a_trial_row_says_what_the_model_is_so_the_analysis_never_parses_its_name(tiny_models):
+    from raybench.configs import SWIN_SHORT, SwinConfig
+    models = [TINY_VIT, tiny_models["resnet18-imagenet"], tiny_models["swin-ft"],
+              SwinConfig(SWIN_SHORT["small"], finetune=False, num_classes=10)]
+    data = DataSpec("synthetic", train_size=64, test_size=32)
+    specs = [TrialSpec(m, default_recipe("seed", m), data) for m in models]
+    rows = trial_rows(specs, {s.name: {"cpu": 1, "gpu": 0} for s in specs})
+    folder = tiny_models["swin-ft"].short  # a checkpoint folder raybench has no short name for: its slug
+    assert [[r[k] for k in ("stem", "pretrained", "finetune", "swin_size")] for r in rows] == [
+        [None, False, False, None], ["imagenet", False, False, None], [None, True, True, folder],
+        [None, False, False, "small"]]

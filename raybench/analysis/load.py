@@ -188,9 +188,8 @@ def _identity(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
         t["finetune"] = [bool(getattr(_parse_built_in(m), "finetune", False)) for m in t["model"]]
     for col in ("pretrained", "finetune"):
         t[col] = t[col].astype("boolean").fillna(False).astype(bool)
-    # Swin's size (tiny, small, micro) has no column of its own: its config's name carries it, also for a
-    # checkpoint folder raybench has no short name for (swin-<folder>-ft).
-    t["swin_size"] = [_swin_size(m) if f == "swin" else None for m, f in zip(t["model"], t["family"])]
+    if "swin_size" not in t:  # tiny, small, micro; a checkpoint folder raybench has no short name for: its slug
+        t["swin_size"] = [_swin_size(m) if f == "swin" else None for m, f in zip(t["model"], t["family"])]
     built_in = t["family"].isin(BUILT_IN)
     source = t["flops_source"] if "flops_source" in t else pd.Series(pd.NA, index=t.index, dtype="object")
     t["flops_source"] = source.where(source.notna() & (source.astype(str) != ""),
