@@ -38,7 +38,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PARTS = ("tests", "bench", "study", "grid")
-OK, FAILED, TIMED_OUT = "ok", "failed", "timed out"
+OK, FAILED, TIMED_OUT = "ok", "failed", "timed out"  # a part's; a trial's statuses are raybench.records'
 REPO = Path(__file__).resolve().parent.parent
 
 # ViT p8-e256-l4-h2-m2 and p4-e512-l8-h4-m4 are the seed experiment's smallest and largest ViTs.
@@ -312,6 +312,7 @@ def grid_figures(run_dir: Path, device: str) -> dict:
     """What a finished grid run says about packing: trials at once, fractions, devices (`device`: the name every
     epoch row should carry, cpu or the GPU's), peak memory against each trial's estimate."""
     import pandas as pd
+    from raybench import records
     from raybench.configs import TrialSpec
     ep, tr = pd.read_parquet(run_dir / "epochs.parquet"), pd.read_parquet(run_dir / "trials.parquet")
     record = json.loads((run_dir / "experiment.json").read_text())
@@ -326,7 +327,7 @@ def grid_figures(run_dir: Path, device: str) -> dict:
         trials.append({"trial": t.trial, "status": t.status, "gpu_fraction": float(t.gpu_fraction),
                        "device": t.device, "epochs": int((ep.trial == t.trial).sum()), "peak_memory_mb": peak,
                        "estimate_mb": est, "peak_over_estimate": peak / est if est else None})
-    checks = {"every trial ok": bool((tr.status == "ok").all()),
+    checks = {"every trial ok": bool((tr.status == records.OK).all()),
               f"every epoch row on {device}": bool((ep.device == device).all()),
               "trials overlapped on one GPU": at_once >= 2}
     return {"run_dir": str(run_dir), "trials": trials, "max_trials_at_once": at_once,
@@ -405,6 +406,7 @@ def busy_fraction(samples: list[tuple[float, float]], start: float, end: float) 
 
 
 def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: str, reserved_mb: float) -> dict:
+    from raybench.records import ERROR
     from raybench.resources import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
     from raybench.train import CACHE_ON
     est_mb = memory_estimate(spec) / 2**20
@@ -413,7 +415,7 @@ def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: st
            "precision": precision_of(rec, device), "estimate_mb": est_mb, "rule_gpu_fraction": gpu_fraction(spec),
            "busy_source": sampler.source, "note": "", "error": rec.get("error", "")}
     if "train_time_s" not in rec:
-        return {**row, "status": rec.get("status", "error")}
+        return {**row, "status": rec.get("status", ERROR)}
     steps = -(-spec.data.train_size // spec.recipe.batch_size)
     flops = step_flops(spec)
     # The training steps' window: the record's epoch ends with its evaluation, which came after them.
@@ -446,6 +448,7 @@ def study_worker(rows_file: Path, device: str, experiment: str, only: str | None
     from raybench.data import CIFAR_TEST, CIFAR_TRAIN, synthetic
     from raybench.experiments import load_experiment
     from raybench.plan import select
+    from raybench.records import ERROR
     from raybench.train import Trial
     hf_logging.set_verbosity_error()
     test_images = max(1, images * CIFAR_TEST // CIFAR_TRAIN)
@@ -469,7 +472,7 @@ def study_worker(rows_file: Path, device: str, experiment: str, only: str | None
                 reserved = torch.cuda.max_memory_reserved() / 2**20 if device.startswith("cuda") else float("nan")
                 row = study_row(t.name, spec, rec, s, device, reserved)
             except Exception as e:  # this trial is a row with its error; the next one still runs
-                row = {"trial": t.name, "model": t.model.name, "family": t.model.family, "status": "error",
+                row = {"trial": t.name, "model": t.model.name, "family": t.model.family, "status": ERROR,
                        "device": device, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             trial = rec = None
             gc.collect()

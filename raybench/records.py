@@ -24,6 +24,8 @@ ERROR = "error"  # raised in the trial; Tune's error file holds the traceback
 STOPPED_EARLY = "stopped-early"  # a scheduler (ASHA) ended it: kept, but not a finished trial
 UNFINISHED = (PENDING, RUNNING)
 FAILED = (DIVERGED, OOM, ERROR)
+UNKNOWN = "unknown"  # the analysis' word for a trials.parquet row without a status (hand-made, damaged)
+PARTIAL = "partial"  # the analysis' status of a configuration shown from unfinished trials (never a trial's)
 
 # --- the epoch record (one row of epochs.parquet; docs/results.md) ---------------------------------------
 # The seconds a trial spends, by what they buy: the training steps (the per-epoch figure), evaluation, the

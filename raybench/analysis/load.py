@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from raybench.configs import ConfigError, parse_model_name
-from raybench.records import OK, PENDING, RUNNING, STOPPED_EARLY, epoch_summary
+from raybench.records import OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, UNKNOWN, epoch_summary
 
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
@@ -30,7 +30,6 @@ TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "params",
 EPOCH_COLUMNS = ("trial", "epoch", "test_acc", "train_time_s")
 EXPECTED = "epochs.parquet and trials.parquet (written by `python -m raybench.grid`, see docs/results.md)"
 BUILT_IN = ("vit", "resnet", "swin")  # families with closed-form complexity; any other string is a family too
-PARTIAL = "partial"  # a configuration shown from unfinished trials (configs only; not a trial status)
 # A configuration's identity: the same for all its seeds, carried from its first trial.
 CONFIG_COLUMNS = ("model", "recipe", "family", *KNOBS, "stem", "pretrained", "finetune", "swin_size", "params",
                   "trainable_params", "flops", "gflops", "flops_source", "image_size", "epochs_planned", "dataset")
@@ -240,7 +239,7 @@ def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame, missing: list[str]) -
         df[col] = df[col].where(has_rows, fallback)
     df["epochs_done"] = df["epochs_done"].fillna(0).astype(int)
     df["gflops"] = df["flops"] / 1e9
-    df["status"] = df["status"].fillna("unknown").astype(str)
+    df["status"] = df["status"].fillna(UNKNOWN).astype(str)
     df["error"] = df["error"].fillna("").astype(str)
     gaps = {t: sorted(set(range(1, int(n) + 1)) - set(g.get_group(t)["epoch"].astype(int)))
             for t, n in from_epochs["last_epoch"].items()}
