@@ -47,6 +47,8 @@ DEFAULT_MODELS = ("vit-p8-e256-l4-h2-m2", "resnet18-cifar", "swin-micro-ft")
 STUDIES = ("seed",)
 LOOP_REFERENCE, LOOP_RAYBENCH, LOOP_HEAD, LOOP_COMPILE = "reference", "raybench", "raybench-head", "raybench-compile"
 LOOP_REFERENCE_AMP = "reference-bf16"
+# A bench row's fields that only some loops fill: a feature pass, a compile, an error.
+ROW_DEFAULTS = {"cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0, "feature_cache": "", "error": ""}
 LOOP_NOTES = {
     LOOP_REFERENCE: "DataLoader + per-sample PIL ToTensor/Normalize, fp32, Adam",
     LOOP_REFERENCE_AMP: "the reference loop under bf16 autocast (CUDA only): what precision alone buys, so the "
@@ -200,8 +202,7 @@ def measure_model(name: str, data: Dataset, device: str, args, repeats: int, ben
     def row(loop, repeat, seconds, precision, **extra):
         rows.append({**base, "loop": loop, "repeat": repeat, "epoch_time_s": seconds, "images_per_s": n / seconds,
                      "workers": workers if loop in (LOOP_REFERENCE, LOOP_REFERENCE_AMP) else 0,
-                     "precision": precision, "cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0,
-                     "feature_cache": "", "error": "", **extra})
+                     "precision": precision, **ROW_DEFAULTS, **extra})
 
     # Reference: one DataLoader and model for all repeats, warmed on a few batches.
     ref = ReferenceLoop(spec, data, dev, workers)
@@ -252,9 +253,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "images": rs[0]["images"],
                     "images_per_s_median": statistics.median(ips), "images_per_s_min": min(ips),
                     "images_per_s_max": max(ips),
-                    "epoch_time_s_median": statistics.median(r["epoch_time_s"] for r in rs),
-                    "cache_time_s_median": statistics.median(r["cache_time_s"] for r in rs),
-                    "compile_time_s_median": statistics.median(r["compile_time_s"] for r in rs),
+                    **{f"{c}_median": statistics.median(r[c] for r in rs)
+                       for c in ("epoch_time_s", "cache_time_s", "compile_time_s")},
                     "compile_cold_s": rs[0]["compile_cold_s"],
                     "feature_cache": rs[0]["feature_cache"]})
     ref = {(s["bench"], s["device"], s["model"]): s["images_per_s_median"] for s in out if s["loop"] == LOOP_REFERENCE}
@@ -279,9 +279,7 @@ def grid_trial_times(run_dir: Path) -> dict:
     def total(col):
         return float(ep[col].fillna(0).sum()) if col in ep else 0.0
 
-    out = {"trials": int(ep.trial.nunique()), "epochs": len(ep), "train_time_s": total("train_time_s"),
-           "eval_time_s": total("eval_time_s"), "cache_time_s": total("cache_time_s"),
-           "compile_time_s": total("compile_time_s")}
+    out = {"trials": int(ep.trial.nunique()), "epochs": len(ep), **{c: total(c) for c in TIME_COLUMNS}}
     out["trial_time_s"] = sum(out[k] for k in TIME_COLUMNS)
     out["epochs_window_s"] = float(ep.finished_at.max() - ep.started_at.min())
     cols = [c for c in TIME_COLUMNS if c in ep]
@@ -561,8 +559,7 @@ def main(argv=None) -> int:
                 rows = [{"bench": bench, "device": device, "device_name": device, "model": name, "loop": "",
                          "repeat": 0, "batch_size": 0, "images": n, "threads": torch.get_num_threads(),
                          "epoch_time_s": float("nan"), "images_per_s": float("nan"), "workers": 0, "precision": "",
-                         "cache_time_s": 0.0, "compile_time_s": 0.0, "compile_cold_s": 0.0, "feature_cache": "",
-                         "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}]
+                         **ROW_DEFAULTS, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}]
                 print(f"[bench]   failed: {rows[0]['error']}", flush=True)
             result["rows"] += rows
             for s in summarise(rows):
