@@ -25,6 +25,9 @@ from raybench.configs import (HFConfig, PyConfig, ResNetConfig, SwinConfig, Torc
 # The smallest ViT the tests train: one block of width 32 on 8x8 patches, 10 classes (the synthetic sets').
 # Variants are `dataclasses.replace(TINY_VIT, ...)`.
 TINY_VIT = ViTConfig(8, 32, 1, 2, 2.0, num_classes=10)
+# The ViT the learning tests train (test_train, test_cuda): 4x4 patches, two blocks of width 64; one epoch of
+# small_synthetic clears their threshold.
+SMALL_VIT = ViTConfig(4, 64, 2, 2, 2.0, num_classes=10)
 
 # Test ids of the tiny configs in `tiny_models`: one per built-in family and variant, and per source of the
 # models the study does not build itself (torchvision:, hf:, py:).

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from conftest import run_grid
-from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, ViTConfig, default_recipe
+from conftest import SMALL_VIT, TINY_VIT, run_grid
+from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.gpucheck import max_at_once
 from raybench.train import STATUS_OK, STATUS_OOM, STATUS_RUNNING, Trial
-from conftest import TINY_VIT
 from test_train import CHANCE_BEATEN, spec_for
 
 pytestmark = [pytest.mark.cuda,
@@ -44,7 +43,7 @@ def smaller(data, n, n_test):
 
 
 @pytest.mark.parametrize("model, recipe", [
-    (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {}),
+    (SMALL_VIT, {}),
     (ResNetConfig("cifar", num_classes=10), {}),  # the study's stem: cheap on a GPU, unlike on 2 CPU cores
     ("swin-ft", {"lr": 3e-3}),  # random "pretrained" features: a larger head lr, as on CPU
     ("swin-scratch", {"lr": 1e-3}),

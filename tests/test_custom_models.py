@@ -4,16 +4,14 @@ written to a temporary folder); nothing is downloaded."""
 import json
 import subprocess
 import sys
-import textwrap
 
-import pandas as pd
 import pytest
 import torch
 
 from conftest import grid_main, run_grid
 from raybench.complexity import complexity, count_flops, feature_dim, measure
 from raybench.configs import (ConfigError, DataSpec, HFConfig, PyConfig, Recipe, ResNetConfig, SwinConfig,
-                              TorchvisionConfig, TrialSpec, ViTConfig, parse_model_name)
+                              TorchvisionConfig, TrialSpec)
 from raybench.experiments import ExperimentError, load_experiment
 from raybench.models import build_model, check_model, check_weights
 from raybench.models.hub import WeightsUnavailable

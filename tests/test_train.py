@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT, cli_main
-from raybench.configs import (ConfigError, DataSpec, Recipe, ResNetConfig, SwinConfig, TrialSpec, ViTConfig,
-                              default_recipe)
+from conftest import SMALL_VIT, TINY_VIT, cli_main
+from raybench.configs import ConfigError, DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial, resolve_precision
 
 CHANCE_BEATEN = 0.30
@@ -32,7 +31,7 @@ def spec_for(model, epochs=3, precision="fp32", **recipe):
 # Epochs per family: the fewest that still clear CHANCE_BEATEN by a wide margin. Measured 2026-12-03 (fp32,
 # one thread): the ViT 48/59/70% after epochs 1/2/3, Swin from scratch 40/50/60% at 8 s an epoch.
 @pytest.mark.parametrize("model, recipe", [
-    (ViTConfig(4, 64, 2, 2, 2.0, num_classes=10), {"epochs": 1}),
+    (SMALL_VIT, {"epochs": 1}),
     # The ImageNet stem shrinks 32x32 inputs 4x before the first block: 15x fewer FLOPs than the CIFAR stem
     # (same blocks, same head), which keeps this test at seconds on two CPU cores. One epoch: it took 5.5 s
     # and reached 77% test accuracy (85% after two, 2026-12-02); the threshold is 30%.
@@ -111,7 +110,7 @@ def test_precision_is_taken_as_asked_and_auto_follows_the_cpu_flags():
 
 
 def test_bf16_and_fp32_learn_alike_and_every_record_says_which_ran(small_synthetic):
-    spec = spec_for(ViTConfig(8, 32, 1, 2, 2.0, num_classes=10), epochs=3, precision="auto")
+    spec = spec_for(TINY_VIT, epochs=3, precision="auto")
     runs = {p: run(dataclasses.replace(spec, precision=p), small_synthetic)[1] for p in ("fp32", "bf16")}
     for p, recs in runs.items():
         assert [r["precision"] for r in recs] == [p] * 3 and recs[-1]["status"] == STATUS_OK
