@@ -227,7 +227,7 @@ def pytest_collection_modifyitems(config, items):
 # 0 every time so far, as do its pieces alone and the in-process tests with this hook removed; see its docstring.
 # A candidate cause, not confirmed here: Ray's known hazard of several Ray sessions in one process whose threads outlive
 # ray.shutdown (ray-project/ray#31145: "Segfaults when restarting Ray multiple times in unit tests with background
-# threads running"): this suite starts two (test_grid's two-node cluster, then its final-checkpoint test).
+# threads running"): a worker may start two (test_grid's two-node cluster, test_trainable's local_ray).
 _exit_status = None
 
 
