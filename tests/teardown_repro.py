@@ -8,10 +8,11 @@ Run it in a loop with the fault handler on; look for exit status 139 and a "Fata
     for i in $(seq 20); do PYTHONPATH=$PWD python -X faulthandler tests/teardown_repro.py > repro.$i.log 2>&1;
         echo "$i rc=$?"; done
 
-2026-12-01, 2 shared cores (load average 10-25): 10 runs of these calls, all exit 0. Its pieces alone also exited
-0 every time: ray.init/shutdown after torch's threads (3 runs), one torch.compile (3), both (3), the two-node
-cluster (2), grid.main on a local Ray (1, no Python thread left at exit); and so did 3 runs of the in-process
-tests (test_grid's two in-process Ray tests, now in test_trainable; test_speed, test_models) with conftest's os._exit hook removed.
+2026-12-01, 2 shared cores (load average 10-25): 10 runs of these calls, all exit 0. Its pieces alone also exited 0
+every time: ray.init/shutdown after torch's threads (3 runs), one torch.compile (3), both (3), the two-node cluster
+(2), grid.main on a local Ray (1, no Python thread left at exit); and so did 3 runs of the in-process tests
+(test_grid's two in-process Ray tests, now in test_trainable; test_speed, test_models) with conftest's os._exit hook
+removed.
 """
 import sys
 import tempfile
