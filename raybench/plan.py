@@ -206,7 +206,6 @@ def make_plan(args) -> RunPlan:
         exp = dataclasses.replace(exp, trials=[TrialSpec.from_dict(v["spec"]) for v in saved["trials"].values()])
         resources = {n: v["resources"] for n, v in saved["trials"].items()}
         memory = {n: v.get("memory_bytes", 0) for n, v in saved["trials"].items()}
-        memory_gb = settings["gpu_memory_gb"] or rr.gpu_memory_gb()
     notes = _notes(args, saved, address, gpus, settings)
     local = None if address else LocalRay(math.ceil(gpus), settings["cpus"], not settings["no_dashboard"],
                                           settings["dashboard_host"])
