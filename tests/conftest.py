@@ -165,13 +165,14 @@ def smoke_watched(tmp_path_factory):
         alive = "/api/v0/actors?detail=1&limit=100&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
         driver_running = lambda: any(j.get("type") == "DRIVER" and j.get("status") == "RUNNING" for j in jobs)
         try:
-            deadline, next_sockets = time.time() + 600, 0.0
+            deadline, next_sockets, url = time.time() + 600, 0.0, None
             # until every trial was seen alive and the driver running
             while (proc.poll() is None and time.time() < deadline
                    and not (trials <= alive_actors and driver_running())):
-                m = dashboard.search("".join(lines))
-                if m:
-                    url = m.group(1)
+                if url is None:  # the grid prints it once, before any trial starts
+                    m = dashboard.search("".join(lines))
+                    url = m and m.group(1)
+                if url:
                     try:
                         actors = dashboard_get(url, alive)["data"]["result"]["result"]
                         alive_actors |= {a.get("repr_name") for a in actors}

@@ -3,6 +3,7 @@
 import pytest
 
 from raybench.experiments import load_experiment
+from raybench.records import TIME_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def test_a_trial_restored_from_its_final_checkpoint_reports_it_ended(tmp_path, l
 
 # What a record measures rather than computes: seconds, throughput, clock times and the process's peak memory
 # (on CPU the process's high-water mark, which a reused process carries over from its last trial).
-MEASURED = {"train_time_s", "eval_time_s", "cache_time_s", "compile_time_s", "images_per_s", "started_at",
-            "finished_at", "peak_memory_mb"}
+MEASURED = {*TIME_COLUMNS, "images_per_s", "started_at", "finished_at", "peak_memory_mb"}
 
 
 def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one(local_ray):
