@@ -219,16 +219,29 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Tests here run Ray, torch.compile and Trials inside the pytest process. Their native threads crashed the
-# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24) after every test had
-# passed and the summary was printed. The suite's verdict is pytest's exit status, so the process ends with it as
-# soon as pytest is done, before that teardown. Every CLI the tests check runs in its own process and exits
-# normally; this only skips the pytest process's own finalisation.
-# Still not found (2026-12-01): tests/teardown_repro.py puts the suspects in one process (inductor's compile
-# workers, an in-process two-raylet cluster driven through Tune, a second Ray session, torch's threads) and exits
-# 0 every time so far, as do its pieces alone and the in-process tests with this hook removed; see its docstring.
-# A candidate cause, not confirmed here: Ray's known hazard of several Ray sessions in one process whose threads outlive
-# ray.shutdown (ray-project/ray#31145: "Segfaults when restarting Ray multiple times in unit tests with background
-# threads running"): a worker may start two (test_grid's two-node cluster, test_trainable's local_ray).
+# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24, when the suite ran in one
+# process) after every test had passed and the summary was printed. The suite's verdict is pytest's exit status,
+# so the process ends with it as soon as pytest is done, before that teardown. Every CLI the tests check runs in
+# its own process and exits normally; this only skips the pytest process's own finalisation.
+#
+# Not reproduced since. To hunt it, `ulimit -c unlimited; RAYBENCH_TEST_FULL_TEARDOWN=1 RAYBENCH_TEST_WORKERS=0
+# bash scripts/test.sh` runs the suite in one process as on 2026-11-24, keeps the teardown, prints what is still
+# running when it starts (xdist workers' lines may not reach the terminal), and a crash leaves a core file for gdb.
+# What runs then (2026-12-04, Ray 2.60, torch 2.14): in a process that ran Ray (test_trainable's local_ray, the
+# two-node test), ray.shutdown() leaves native threads behind: `gcs_client_io_s`, the io thread of the
+# function-local static in ray::gcs::ConnectOnSingletonIoContext (_raylet.so), which nothing stops before C++ static
+# destruction; the gRPC threads of Ray's own gRPC (grpc_global_tim, timer_manager, event_engine, client.poll0,
+# default-executo, resolver-execut); after a ray.cluster_utils.Cluster, `global.accessor` (its GlobalStateAccessor's
+# io thread). tests/teardown_repro.py (grid.main joining an in-process two-node Cluster) also left a thread named
+# `worker.io` in 9 of 17 runs, as the pytest worker that ran the two-node test had; gdb on one of them (2026-12-04)
+# showed a boost::asio thread_pool thread idle in its scheduler, started from the core worker's io thread (a thread
+# takes its creator's name), beside opencensus' DeltaProducer harvester (Ray's metrics, sleeping in a loop), Arrow's
+# thread pool (pandas' Parquet) and, in workers that loaded transformers, tqdm's monitor (a daemon Python thread).
+# All of them are still running when the interpreter finalises and the static destructors run: the hazard Ray knows
+# from ray-project/ray#31145 ("Segfaults when restarting Ray multiple times in unit tests with background threads
+# running"), the best candidate so far. None has been caught crashing: exit 0 for the whole suite with the teardown
+# kept (once in one process, three times on two workers), tests/teardown_repro.py (see its docstring for the runs),
+# ray.init + ray.shutdown then exit (60 runs) and a GcsClient connect then exit (400 runs).
 _exit_status = None
 
 
@@ -239,8 +252,26 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    if _exit_status is not None:
+    if os.environ.get("RAYBENCH_TEST_FULL_TEARDOWN") == "1":
+        print_threads_left()
+    elif _exit_status is not None:
         import sys
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+def print_threads_left():
+    """The threads alive as the interpreter's teardown starts: Python's by name, native ones by their kernel name."""
+    import collections
+    import sys
+    import threading
+    from pathlib import Path
+    names = collections.Counter()
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            names[(task / "comm").read_text().strip()] += 1
+        except OSError:
+            pass
+    print(f"\n[teardown] pid {os.getpid()}: Python threads {[t.name for t in threading.enumerate()]}; native "
+          f"threads {dict(sorted(names.items()))}", file=sys.stderr, flush=True)
