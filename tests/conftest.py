@@ -240,7 +240,7 @@ def pytest_collection_modifyitems(config, items):
 # All of them are still running when the interpreter finalises and the static destructors run: the hazard Ray knows
 # from ray-project/ray#31145 ("Segfaults when restarting Ray multiple times in unit tests with background threads
 # running"), the best candidate so far. None has been caught crashing: exit 0 for the whole suite with the teardown
-# kept (once in one process, three times on two workers), tests/teardown_repro.py (see its docstring for the runs),
+# kept (twice in one process, three times on two workers), tests/teardown_repro.py (see its docstring for the runs),
 # ray.init + ray.shutdown then exit (60 runs) and a GcsClient connect then exit (400 runs).
 _exit_status = None
 
