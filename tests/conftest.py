@@ -261,17 +261,22 @@ def pytest_unconfigure(config):
         os._exit(_exit_status)
 
 
-def print_threads_left():
-    """The threads alive as the interpreter's teardown starts: Python's by name, native ones by their kernel name."""
+def native_threads() -> dict:
+    """This process's threads by their kernel names (a thread takes its creator's name), with their counts."""
     import collections
-    import sys
-    import threading
-    from pathlib import Path
     names = collections.Counter()
-    for task in Path("/proc/self/task").glob("*"):
+    for task in os.listdir("/proc/self/task"):
         try:
-            names[(task / "comm").read_text().strip()] += 1
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names[f.read().strip()] += 1
         except OSError:
             pass
+    return dict(sorted(names.items()))
+
+
+def print_threads_left():
+    """The threads alive as the interpreter's teardown starts: Python's by name, native ones by their kernel name."""
+    import sys
+    import threading
     print(f"\n[teardown] pid {os.getpid()}: Python threads {[t.name for t in threading.enumerate()]}; native "
-          f"threads {dict(sorted(names.items()))}", file=sys.stderr, flush=True)
+          f"threads {native_threads()}", file=sys.stderr, flush=True)

@@ -25,7 +25,6 @@ scheduler (started from the core worker's io thread, whose own loop had ended), 
 harvester loop, the GlobalStateAccessor's io thread, Arrow's thread pool, Ray's gRPC threads and the gcs_client
 io thread, all waiting; that run exited 0 too.
 """
-import collections
 import gc
 import os
 import sys
@@ -36,19 +35,8 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from conftest import native_threads  # this script's folder, tests/, is on sys.path
 from raybench.grid import main
-
-
-def native_threads() -> dict:
-    names = collections.Counter()
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                names[f.read().strip()] += 1
-        except OSError:
-            pass
-    return dict(sorted(names.items()))
-
 
 torch.compile(lambda x: (x * 2).sin())(torch.ones(4))  # inductor's compile worker pool
 with tempfile.TemporaryDirectory() as tmp:
