@@ -227,21 +227,27 @@ def pytest_collection_modifyitems(config, items):
 # Not reproduced since. To hunt it, `ulimit -c unlimited; RAYBENCH_TEST_FULL_TEARDOWN=1 RAYBENCH_TEST_WORKERS=0
 # bash scripts/test.sh` runs the suite in one process as on 2026-11-24, keeps the teardown, prints what is still
 # running when it starts (xdist workers' lines may not reach the terminal), and a crash leaves a core file for gdb.
-# What runs then (2026-12-04, Ray 2.60, torch 2.14): in a process that ran Ray (test_trainable's local_ray, the
-# two-node test), ray.shutdown() leaves native threads behind: `gcs_client_io_s`, the io thread of the
-# function-local static in ray::gcs::ConnectOnSingletonIoContext (_raylet.so), which nothing stops before C++ static
-# destruction; the gRPC threads of Ray's own gRPC (grpc_global_tim, timer_manager, event_engine, client.poll0,
-# default-executo, resolver-execut); after a ray.cluster_utils.Cluster, `global.accessor` (its GlobalStateAccessor's
-# io thread). tests/teardown_repro.py (grid.main joining an in-process two-node Cluster) also left a thread named
-# `worker.io` in 9 of 17 runs, as the pytest worker that ran the two-node test had; gdb on one of them (2026-12-04)
-# showed a boost::asio thread_pool thread idle in its scheduler, started from the core worker's io thread (a thread
-# takes its creator's name), beside opencensus' DeltaProducer harvester (Ray's metrics, sleeping in a loop), Arrow's
-# thread pool (pandas' Parquet) and, in workers that loaded transformers, tqdm's monitor (a daemon Python thread).
-# All of them are still running when the interpreter finalises and the static destructors run: the hazard Ray knows
-# from ray-project/ray#31145 ("Segfaults when restarting Ray multiple times in unit tests with background threads
-# running"), the best candidate so far. None has been caught crashing: exit 0 for the whole suite with the teardown
-# kept (twice in one process, three times on two workers), tests/teardown_repro.py (see its docstring for the runs),
-# ray.init + ray.shutdown then exit (60 runs) and a GcsClient connect then exit (400 runs).
+# `bash tests/teardown_widen.sh` runs the tests that use Ray, Tune, torch.compile and Swin in-process with the
+# teardown kept under gdb, holding the exiting main thread 12 s as modules are cleared and 5 s before and after the
+# C++ static destructors while every other thread runs on: a race between the exit and a thread that wakes then,
+# rare at full speed, becomes likely (its --control, such a race built on purpose, crashes there every time and
+# never in 30 runs at full speed).
+# What runs then (Ray 2.60, torch 2.14, Python 3.11.7): in a process that ran Ray (test_trainable's local_ray, the
+# two-node test), ray.shutdown() leaves native threads behind: `gcs_client_io_s`, the io thread of the function-local
+# static in ray::gcs::ConnectOnSingletonIoContext (_raylet.so), and sometimes `worker.io` (gdb, 2026-12-04: a
+# boost::asio thread_pool thread idle in its scheduler, started from the core worker's io thread). Both are gone once
+# the static destructors have run (2026-12-05). Still running after those, by their kernel names: Ray's own gRPC threads
+# (grpc_global_tim, timer_manager, event_engine, default-executo, resolver-execut, client.poll0 in teardown_repro.py),
+# `global.accessor` after a ray.cluster_utils.Cluster (its GlobalStateAccessor's io thread), Arrow's jemalloc_bg_thd,
+# and three or four more named `python` than the main thread (a thread takes its creator's name; on 2026-12-04 gdb found
+# torch's OpenMP pool, Arrow's pool and opencensus' harvester among such). tqdm's monitor (a daemon Python thread, from
+# transformers) is alive as finalisation starts. Threads left running into the static destructors are the hazard Ray
+# knows from ray-project/ray#31145 ("Segfaults when restarting Ray multiple times in unit tests with background threads
+# running"), the candidate so far, but nothing has crashed: the whole suite with the teardown kept (2026-12-04: twice in
+# one process, three times on two workers), the suite of the crash itself (dfe5fa4, the commit before this workaround,
+# in one process: 10 runs on 2026-12-05, five with tests failing against hunts running beside them), teardown_widen.sh
+# (21 runs of its tests, 2 of teardown_repro.py), valgrind's memcheck on teardown_repro.py (no invalid read or write in
+# its teardown) and the runs in teardown_repro.py's docstring all exited normally.
 _exit_status = None
 
 

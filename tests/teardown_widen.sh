@@ -91,7 +91,12 @@ struct Registry { int *volatile data = new int[16](); ~Registry() { delete[] dat
 static Registry registry;
 static volatile int sink;
 extern "C" void start() {
-  std::thread([] { for (;;) { std::this_thread::sleep_for(std::chrono::milliseconds(100)); sink = registry.data[0]; } }).detach();
+  std::thread([] {
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      sink = registry.data[0];
+    }
+  }).detach();
 }
 EOF
   g++ -shared -fPIC -O1 -o "$work/libcontrol.so" "$work/control.cc"
