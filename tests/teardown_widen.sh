@@ -111,7 +111,7 @@ fi
 # verdict; exits 0 when the command exited normally, 1 on a crash (after the backtraces), else the command's status.
 gdb -q -batch -x "$work/widen.gdb" --args env RAYBENCH_TEST_FULL_TEARDOWN=1 PYTHONPATH="$PWD" \
   LD_PRELOAD="$work/liblinger.so" "$@" > "$work/out" 2>&1 || true
-grep -v -E '^\[(New Thread|Thread 0x|Detaching after)' "$work/out"
+grep -v '^\[Detaching after' "$work/out"  # thread events are off; forks of Ray and the compilers remain
 if grep -q '^\[widen\] CRASH' "$work/out"; then
   exit 1
 elif grep -q 'exited normally\]' "$work/out"; then
