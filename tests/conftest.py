@@ -248,12 +248,12 @@ def pytest_collection_modifyitems(config, items):
 # in one process: 10 runs on 2026-12-05, five with tests failing against hunts running beside them; 12 more on
 # 2026-12-06 from its own fresh clone and .venv through its scripts/test.sh, as on 2026-11-24, with that day's PyPI
 # releases beside the pinned torch and Ray (pyarrow 26.0.1, pytest 9.2.0, grpcio 1.85.3, pyzmq 27.3.0), every other run
-# with a cold inductor cache: 180 passed each time), teardown_widen.sh (21 runs of its tests, 2 of teardown_repro.py),
-# valgrind's memcheck on teardown_repro.py (no invalid read or write in its teardown), the runs in teardown_repro.py's
-# docstring, ray.init + ray.shutdown then exit (60 runs, 2026-12-04) and a GcsClient connect then exit (400 runs,
-# 2026-12-04) all exited normally. Had the crash's rate stayed 1 in 7, 22 clean runs of its suite would come 1 time in
-# 30 ((6/7)^22). Its other package versions were not recorded on 2026-11-24 (torch 2.14.1 and Ray 2.60.0 were): a
-# crash tied to a release since replaced cannot be ruled out, and without a crash to read no cause can be named.
+# with a cold inductor cache: 180 passed each time), teardown_widen.sh (21 runs of its tests), teardown_repro.py (the
+# runs in its docstring, valgrind's memcheck and teardown_widen.sh among them), ray.init + ray.shutdown then exit (60
+# runs, 2026-12-04) and a GcsClient connect then exit (400 runs, 2026-12-04) all exited normally. Had the crash's rate
+# stayed 1 in 7, 22 clean runs of its suite would come 1 time in 30 ((6/7)^22). Its other package versions were not
+# recorded on 2026-11-24 (torch 2.14.1 and Ray 2.60.0 were): a crash tied to a release since replaced cannot be ruled
+# out, and without a crash to read no cause can be named.
 _exit_status = None
 
 
