@@ -1,6 +1,6 @@
 """pytest plugin: the CPU each test costs, Ray's daemons and every subprocess included.
 
-The suite is CPU-bound on 2 cores (a Ray start is 12-14 core-s, a trial process imports torch), so wall time per
+The suite is CPU-bound on 2 cores (every Ray start costs CPU, a trial process imports torch), so wall time per
 test says little about what to cut: a test that waits on a cluster takes wall time but leaves the cores to the
 other xdist worker. This plugin reads the CPU counter of a cgroup that holds the whole pytest process tree
 (scripts/cpu-per-test.sh makes one) around each test, writes one JSON line per test and prints the largest.

@@ -12,9 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist the workers share the machine's cores: each worker, and every process it starts, gets its
 # share of torch/OpenMP threads (1 for 2 workers on 2 cores) instead of one per core each. Oversubscribed, their
-# OpenMP threads spin against each other: tests/test_{models,complexity,speed,data,configs}.py on two workers
-# took 50 and 53 core-seconds so, 40 to 43 with one thread each (2026-12-02, 2 cores; three runs). Set before
-# torch is imported; trials still set their own threads from their Ray CPUs.
+# OpenMP threads spin against each other and the same tests cost more CPU (docs/benchmarks.md, "The smoke study
+# and the test suite"). Set before torch is imported; trials still set their own threads from their Ray CPUs.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -132,11 +131,10 @@ def smoke_watched(tmp_path_factory):
     is asked what it shows and the grid's processes which sockets they listen on, so that the dashboard checks
     need no grid of their own (one Ray start fewer).
 
-    A tiny trial's actor is ALIVE for about a second (its imports come before, while Ray lists it PENDING): at
-    one look every 0.5 s, one run in four missed a ViT's (2026-12-03). So the live actors are asked for every
-    0.2 s, filtered by the dashboard to the ALIVE ones (about 6 ms a look), and the costlier looks (the jobs,
-    every process's sockets) are taken less often: in two runs on 2026-12-04 each trial was seen ALIVE 3 to 39
-    times."""
+    A tiny trial's actor is ALIVE only briefly (its imports come before, while Ray lists it PENDING), too briefly
+    for a look every 0.5 s to be sure to see it. So the live actors are asked for every 0.2 s, filtered by the
+    dashboard to the ALIVE ones (a cheap look), and the costlier looks (the jobs, every process's sockets) are
+    taken less often."""
     import re
     import subprocess
     import sys
@@ -218,42 +216,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
-# Tests here run Ray, torch.compile and Trials inside the pytest process. Their native threads crashed the
-# interpreter's teardown once (SIGSEGV, exit 139; one of seven full runs on 2026-11-24, when the suite ran in one
-# process) after every test had passed and the summary was printed. The suite's verdict is pytest's exit status,
-# so the process ends with it as soon as pytest is done, before that teardown. Every CLI the tests check runs in
-# its own process and exits normally; this only skips the pytest process's own finalisation.
-#
-# Not reproduced since. To hunt it, `ulimit -c unlimited; RAYBENCH_TEST_FULL_TEARDOWN=1 RAYBENCH_TEST_WORKERS=0
-# bash scripts/test.sh` runs the suite in one process as on 2026-11-24, keeps the teardown, prints what is still
-# running when it starts (xdist workers' lines may not reach the terminal), and a crash leaves a core file for gdb.
-# `bash tests/teardown_widen.sh` runs the tests that use Ray, Tune, torch.compile and Swin in-process with the
-# teardown kept under gdb, holding the exiting main thread 12 s as modules are cleared and 5 s before and after the
-# C++ static destructors while every other thread runs on: a race between the exit and a thread that wakes then,
-# rare at full speed, becomes likely (its --control, such a race built on purpose, crashes there every time and
-# never in 30 runs at full speed).
-# What runs then (Ray 2.60, torch 2.14, Python 3.11.7): in a process that ran Ray (test_trainable's local_ray, the
-# two-node test), ray.shutdown() leaves native threads behind: `gcs_client_io_s`, the io thread of the function-local
-# static in ray::gcs::ConnectOnSingletonIoContext (_raylet.so), and sometimes `worker.io` (gdb, 2026-12-04: a
-# boost::asio thread_pool thread idle in its scheduler, started from the core worker's io thread). Both are gone once
-# the static destructors have run (2026-12-05). Still running after those, by their kernel names: Ray's own gRPC threads
-# (grpc_global_tim, timer_manager, event_engine, default-executo, resolver-execut, client.poll0 in teardown_repro.py),
-# `global.accessor` after a ray.cluster_utils.Cluster (its GlobalStateAccessor's io thread), Arrow's jemalloc_bg_thd,
-# and three or four more named `python` than the main thread (a thread takes its creator's name; on 2026-12-04 gdb found
-# torch's OpenMP pool, Arrow's pool and opencensus' harvester among such). tqdm's monitor (a daemon Python thread, from
-# transformers) is alive as finalisation starts. Threads left running into the static destructors are the hazard Ray
-# knows from ray-project/ray#31145 ("Segfaults when restarting Ray multiple times in unit tests with background threads
-# running"), the candidate so far, but nothing has crashed: the whole suite with the teardown kept (2026-12-04: twice in
-# one process, three times on two workers), the suite of the crash itself (dfe5fa4, the commit before this workaround,
-# in one process: 10 runs on 2026-12-05, five with tests failing against hunts running beside them; 12 more on
-# 2026-12-06 from its own fresh clone and .venv through its scripts/test.sh, as on 2026-11-24, with that day's PyPI
-# releases beside the pinned torch and Ray (pyarrow 26.0.1, pytest 9.2.0, grpcio 1.85.3, pyzmq 27.3.0), every other run
-# with a cold inductor cache: 180 passed each time), teardown_widen.sh (21 runs of its tests), teardown_repro.py (the
-# runs in its docstring, valgrind's memcheck and teardown_widen.sh among them), ray.init + ray.shutdown then exit (60
-# runs, 2026-12-04) and a GcsClient connect then exit (400 runs, 2026-12-04) all exited normally. Had the crash's rate
-# stayed 1 in 7, 22 clean runs of its suite would come 1 time in 30 ((6/7)^22). Its other package versions were not
-# recorded on 2026-11-24 (torch 2.14.1 and Ray 2.60.0 were): a crash tied to a release since replaced cannot be ruled
-# out, and without a crash to read no cause can be named.
+# The pytest process runs Ray, Tune and torch.compile in-process; their native threads outlive ray.shutdown() and
+# once crashed the interpreter's teardown (SIGSEGV) after every test had passed. The suite's verdict is pytest's
+# exit status, so the process ends with it as soon as pytest is done, skipping that teardown (every CLI the tests
+# check runs in a process of its own and exits normally). The hunt for the cause is in git history (2458a7e).
 _exit_status = None
 
 
@@ -264,31 +230,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    if os.environ.get("RAYBENCH_TEST_FULL_TEARDOWN") == "1":
-        print_threads_left()
-    elif _exit_status is not None:
+    if _exit_status is not None:
         import sys
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
-
-
-def native_threads() -> dict:
-    """This process's threads by their kernel names (a thread takes its creator's name), with their counts."""
-    import collections
-    names = collections.Counter()
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                names[f.read().strip()] += 1
-        except OSError:
-            pass
-    return dict(sorted(names.items()))
-
-
-def print_threads_left():
-    """The threads alive as the interpreter's teardown starts: Python's by name, native ones by their kernel name."""
-    import sys
-    import threading
-    print(f"\n[teardown] pid {os.getpid()}: Python threads {[t.name for t in threading.enumerate()]}; native "
-          f"threads {native_threads()}", file=sys.stderr, flush=True)

@@ -212,7 +212,7 @@ def fake_cluster():
 @pytest.fixture
 def another_fake_cluster():
     """One more, for a test that must start from a head without workers whatever ran before it. The job test
-    cannot share `fake_cluster`: tried on 2026-12-02, the autoscaler removed the first test's idle workers while
+    cannot share `fake_cluster`: when it did, the autoscaler removed the first test's idle workers while
     the job ran and the job's uploaded working dir vanished under its driver (FileNotFoundError from
     os.getcwd()); fake nodes share one machine's session dir, so a removed node's cleanup is taken to be the
     cause."""

@@ -107,7 +107,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_a
             # Once Tune holds the trial's epoch-1 checkpoint: Tune starts the next step only after it has
             # processed a save, so a second epoch row says so. The checkpoint's file in storage does not: a
             # node lost between the file and Tune's processing of it restarted the trial from epoch 1, whose
-            # row from the head then replaced the worker's (seen once on 2026-12-04, in a full suite).
+            # row from the head then replaced the worker's (seen in a full suite).
             saved = [t for t, n in epochs_on_worker.items() if n >= 2]
             if saved:
                 moved["trial"] = saved[0]
@@ -117,7 +117,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_a
     def lose_the_worker_machine():
         # A machine that dies takes all its processes along. remove_node stops the node's Ray processes but not
         # the workers its raylet started ("TODO: Do we need to kill all worker processes?", ray/cluster_utils.py):
-        # an orphaned trial actor trained epochs 2-4 on the removed node before it noticed (one run, 2026-12-02).
+        # an orphaned trial actor trained epochs 2-4 on the removed node before it noticed.
         import psutil
         raylet = psutil.Process(worker.all_processes["raylet"][0].process.pid)
         for p in raylet.children(recursive=True):

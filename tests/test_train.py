@@ -22,19 +22,19 @@ def run(spec, data, **kw):
 
 
 def spec_for(model, epochs=3, precision="fp32", **recipe):
-    """fp32 unless a test is about precision: bf16 autocast ("auto" on this CPU) took 2.3x as long as fp32 for
-    the ViT below and 1.3x for the ResNet (one thread, 2026-12-02); AMX pays off only at the study's sizes."""
+    """fp32 unless a test is about precision: at these tiny sizes bf16 autocast ("auto" on a CPU with AMX or
+    AVX-512-BF16) is slower than fp32 (docs/benchmarks.md); AMX pays off only at the study's sizes."""
     r = dataclasses.replace(default_recipe("seed", model), epochs=epochs, **recipe)
     return TrialSpec(model, r, DataSpec("synthetic", train_size=2000, test_size=500), seed=0, precision=precision)
 
 
-# Epochs per family: the fewest that still clear CHANCE_BEATEN by a wide margin. Measured 2026-12-03 (fp32,
-# one thread): the ViT 48/59/70% after epochs 1/2/3, Swin from scratch 40/50/60% at 8 s an epoch.
+# Epochs per family: the fewest that still clear CHANCE_BEATEN by a wide margin (the accuracies each reached
+# are in docs/benchmarks.md, "The smoke study and the test suite").
 @pytest.mark.parametrize("model, recipe", [
     (SMALL_VIT, {"epochs": 1}),
     # The ImageNet stem shrinks 32x32 inputs 4x before the first block: 15x fewer FLOPs than the CIFAR stem
-    # (same blocks, same head), which keeps this test at seconds on two CPU cores. One epoch: it took 5.5 s
-    # and reached 77% test accuracy (85% after two, 2026-12-02); the threshold is 30%.
+    # (same blocks, same head), which keeps this test short on two CPU cores; one epoch clears the 30%
+    # threshold by a wide margin.
     (ResNetConfig("imagenet", num_classes=10), {"epochs": 1}),
     # The tiny Swin's "pretrained" weights are random, so its frozen features are weaker than real ones:
     # the head gets a larger learning rate than the study's 2e-5 to move in 3 short epochs.
