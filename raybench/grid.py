@@ -341,16 +341,13 @@ def reuse_actors(plan: RunPlan) -> bool:
 def make_scheduler(plan: RunPlan):
     """The run's scheduler (FIFO: every trial to its last epoch; or ASHA, --scheduler asha), wrapped so that a
     trial out of GPU memory is re-queued with a larger share."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from raybench.trainable import OomRequeue
+    from raybench.trainable import AshaOomRequeue, FifoOomRequeue
     if plan.settings["scheduler"] == "asha":
         # One iteration is one epoch (StudyTrial.step); rungs at grace, grace*4, ... below the longest trial.
-        base = ASHAScheduler(time_attr="training_iteration", metric="test_acc", mode="max",
-                             max_t=max(t.recipe.epochs for t in plan.experiment.trials),
-                             grace_period=plan.settings["asha_grace_epochs"])
-    else:
-        base = FIFOScheduler()
-    return OomRequeue(base)
+        return AshaOomRequeue(time_attr="training_iteration", metric="test_acc", mode="max",
+                              max_t=max(t.recipe.epochs for t in plan.experiment.trials),
+                              grace_period=plan.settings["asha_grace_epochs"])
+    return FifoOomRequeue()
 
 
 PHASES_PREFIX = "[grid] phases (s): "

@@ -23,6 +23,7 @@ from raybench.configs import (PRECISIONS, ConfigError, DataSpec, ModelConfig, Re
                               default_recipe, model_from_args)
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
+from raybench.records import DIVERGED, OK, OOM, RUNNING
 # statuses are defined once, in raybench.records; these names stay for callers of the trainer
 from raybench.records import DIVERGED as STATUS_DIVERGED, OK as STATUS_OK, OOM as STATUS_OOM, RUNNING as STATUS_RUNNING  # noqa: E501,F401
 EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
@@ -138,10 +139,10 @@ class Trial:
         self.channels_last = uses_channels_last(self.spec.model)
         self._seed_rng()
         self._build_model()
-        self._build_optimiser()
+        self.opt = make_optimiser(self.model, self.recipe, self.device)
         self.steps_per_epoch = math.ceil(len(self.data.train_y) / self.recipe.batch_size)
         self.epoch, self.step = 0, 0  # epochs done, optimiser steps done
-        self.status = STATUS_RUNNING  # after the last yielded record; a trial that ended trains no more
+        self.status = RUNNING  # after the last yielded record; a trial that ended trains no more
         # Cached: the training steps and evaluation run the head on stored backbone features.
         self.feature_cache = feature_cache_mode(self.spec, feature_cache)
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test); not checkpointed
@@ -174,13 +175,6 @@ class Trial:
         self.mean, self.std = mean.to(self.device), std.to(self.device)
         self.input_size = self.model.input_size
 
-    def _build_optimiser(self) -> None:
-        r = self.recipe
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt_cls = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = opt_cls(params, lr=r.lr, weight_decay=r.weight_decay, **fused)
-
     def _forward(self, threads: int | None):
         """What the steps call: the model, or its head alone on cached features; compiled when asked.
         self.model stays the plain module, so its state_dict keys and checkpoints do not change with compile."""
@@ -211,7 +205,7 @@ class Trial:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
-        self.status = s.get("status", STATUS_OK if self.epoch >= self.recipe.epochs else STATUS_RUNNING)
+        self.status = s.get("status", OK if self.epoch >= self.recipe.epochs else RUNNING)
         self._set_rng_state(s)
 
     def save(self, path: Path) -> None:
@@ -242,59 +236,15 @@ class Trial:
     def _test_inputs(self, s: int, e: int):
         return self.features[1][s:e] if self.features is not None else self._batch(self.data.test_x[s:e])
 
-    @torch.no_grad()
-    def cache_features(self) -> float:
-        """Backbone features of the training and test sets, computed once per Trial object (a resumed trial
-        recomputes them: they are not in checkpoints). Uses no RNG, so the cached and uncached paths draw the
-        same shuffles. Returns the seconds it took."""
-        self.model.eval()
-        self._sync()
-        t0 = time.perf_counter()
-        # A GPU is busiest with large batches; on CPU the training batch runs faster (it stays in cache).
-        B = EVAL_BATCH if self.device.type == "cuda" else self.recipe.batch_size
-        feats = []
-        for x in (self.data.train_x, self.data.test_x):
-            parts = []
-            for s in range(0, len(x), B):
-                with self._autocast():
-                    parts.append(self.model.forward_features(self._batch(x[s:s + B])))  # (B, C)
-            feats.append(torch.cat(parts))
-        self.features = (feats[0], feats[1])
-        self._sync()
-        return time.perf_counter() - t0
-
-    def compile_warm_up(self) -> float:
-        """Compile before the clock starts. One forward+backward per training batch shape (full and last
-        short batch) and one no-grad eval forward per test batch shape, on the first images without
-        augmentation. No optimiser step; gradients are dropped and the RNG states and buffers (BatchNorm
-        statistics) restored, so the run trains exactly as if the warm-up had not happened. The time
-        returned is compilation plus the compute of these few passes (a few steps' worth)."""
-        d, B = self.data, self.recipe.batch_size
-        rng = self._rng_state()
-        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        self._sync()
-        t0 = time.perf_counter()
-        n, m = len(d.train_y), len(d.test_y)
-        self.model.train()
-        for b in sorted({min(B, n), n % B or min(B, n)}, reverse=True):
-            x = self.features[0][:b] if self.features is not None else self._batch(d.train_x[:b])  # no RNG
-            with self._autocast():
-                loss = F.cross_entropy(self.forward(x).float(), d.train_y[:b])
-            loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.eval()
-        with torch.no_grad():
-            for b in sorted({min(EVAL_BATCH, m), m % EVAL_BATCH or min(EVAL_BATCH, m)}, reverse=True):
-                with self._autocast():
-                    self.forward(self._test_inputs(0, b))
-        self._sync()
-        dt = time.perf_counter() - t0
-        with torch.no_grad():
-            for k, v in self.model.named_buffers():
-                v.copy_(buffers[k])
-        self._set_rng_state(rng)
-        self.warmed_up = True
-        return dt
+    def _one_off_costs(self) -> dict:
+        """What the first epoch this object trains pays before its clock starts: the feature pass (a resumed
+        trial recomputes it: features are not in checkpoints) and the compile warm-up; 0 s later on."""
+        costs = {"cache_time_s": 0.0, "compile_time_s": 0.0}
+        if self.feature_cache == CACHE_ON and self.features is None:
+            costs["cache_time_s"] = cache_features(self)
+        if self.compile and not self.warmed_up:
+            costs["compile_time_s"] = compile_warm_up(self)
+        return costs
 
     def train_epoch(self) -> dict:
         self.model.train()
@@ -349,35 +299,93 @@ class Trial:
         The first epoch this object trains also reports the one-off costs it paid before its clock started:
         `cache_time_s` (the feature pass) and `compile_time_s` (the compile warm-up); later epochs report 0."""
         device = device_name(self.device)
-        while self.epoch < self.recipe.epochs and self.status == STATUS_RUNNING:
+        while self.epoch < self.recipe.epochs and self.status == RUNNING:
             started_at = time.time()
-            cache_s = compile_s = 0.0
             if self.device.type == "cuda":  # the epoch's peak includes its feature pass and compile warm-up
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:
-                if self.feature_cache == CACHE_ON and self.features is None:
-                    cache_s = self.cache_features()
-                if self.compile and not self.warmed_up:
-                    compile_s = self.compile_warm_up()
+                costs = self._one_off_costs()
                 rec = self.train_epoch()
                 rec.update(self.evaluate())  # evaluation at batch 256 is as likely to run out as training
             except torch.cuda.OutOfMemoryError as e:
-                self.status = STATUS_OOM
-                yield {"epoch": self.epoch + 1, "status": STATUS_OOM, "error": str(e).splitlines()[0],
+                self.status = OOM
+                yield {"epoch": self.epoch + 1, "status": OOM, "error": str(e).splitlines()[0],
                        "device": device, "precision": self.precision}
                 return
             self.epoch += 1
             diverged = not math.isfinite(rec["train_loss"])
-            self.status = STATUS_DIVERGED if diverged else (STATUS_OK if self.epoch == self.recipe.epochs
-                                                            else STATUS_RUNNING)
-            yield {"epoch": self.epoch, **rec, "cache_time_s": cache_s, "compile_time_s": compile_s,
-                   "feature_cache": self.feature_cache, "compiled": self.compile,
-                   "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
+            self.status = DIVERGED if diverged else (OK if self.epoch == self.recipe.epochs else RUNNING)
+            yield {"epoch": self.epoch, **rec, **costs, "feature_cache": self.feature_cache,
+                   "compiled": self.compile, "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
                    else "", "device": device, "precision": self.precision, "threads": torch.get_num_threads(),
                    "started_at": started_at, "finished_at": time.time()}
             if diverged:
                 return
+
+
+def make_optimiser(model: torch.nn.Module, r: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW over the trainable parameters (a frozen backbone's are left out); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return opt_cls(params, lr=r.lr, weight_decay=r.weight_decay, **fused)
+
+
+@torch.no_grad()
+def cache_features(trial: Trial) -> float:
+    """The feature pass: the frozen backbone's features of the training and test sets, stored in
+    `trial.features`. Uses no RNG, so the cached and uncached paths draw the same shuffles. Returns the seconds
+    it took."""
+    trial.model.eval()
+    trial._sync()
+    t0 = time.perf_counter()
+    # A GPU is busiest with large batches; on CPU the training batch runs faster (it stays in cache).
+    B = EVAL_BATCH if trial.device.type == "cuda" else trial.recipe.batch_size
+    feats = []
+    for x in (trial.data.train_x, trial.data.test_x):
+        parts = []
+        for s in range(0, len(x), B):
+            with trial._autocast():
+                parts.append(trial.model.forward_features(trial._batch(x[s:s + B])))  # (B, C)
+        feats.append(torch.cat(parts))
+    trial.features = (feats[0], feats[1])
+    trial._sync()
+    return time.perf_counter() - t0
+
+
+def compile_warm_up(trial: Trial) -> float:
+    """Compile before the clock starts. One forward+backward per training batch shape (full and last short
+    batch) and one no-grad eval forward per test batch shape, on the first images without augmentation. No
+    optimiser step; gradients are dropped and the RNG states and buffers (BatchNorm statistics) restored, so the
+    run trains exactly as if the warm-up had not happened. The time returned is compilation plus the compute of
+    these few passes (a few steps' worth)."""
+    d, B, model = trial.data, trial.recipe.batch_size, trial.model
+    rng = trial._rng_state()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    trial._sync()
+    t0 = time.perf_counter()
+    n, m = len(d.train_y), len(d.test_y)
+    model.train()
+    for b in sorted({min(B, n), n % B or min(B, n)}, reverse=True):
+        x = trial.features[0][:b] if trial.features is not None else trial._batch(d.train_x[:b])  # no RNG
+        with trial._autocast():
+            loss = F.cross_entropy(trial.forward(x).float(), d.train_y[:b])
+        loss.backward()
+    trial.opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        for b in sorted({min(EVAL_BATCH, m), m % EVAL_BATCH or min(EVAL_BATCH, m)}, reverse=True):
+            with trial._autocast():
+                trial.forward(trial._test_inputs(0, b))
+    trial._sync()
+    dt = time.perf_counter() - t0
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    trial._set_rng_state(rng)
+    trial.warmed_up = True
+    return dt
 
 
 def progress_line(name: str, rec: dict, epochs: int) -> str:
@@ -388,7 +396,7 @@ def progress_line(name: str, rec: dict, epochs: int) -> str:
             f"train {rec['train_time_s']:.1f}s ({rec['images_per_s']:.0f} img/s)  eval {rec['eval_time_s']:.1f}s"
             + (f"  feature pass {rec['cache_time_s']:.1f}s" if rec.get("cache_time_s") else "")
             + (f"  compile {rec['compile_time_s']:.1f}s" if rec.get("compile_time_s") else "")
-            + ("" if rec["status"] in (STATUS_OK, STATUS_RUNNING) else f"  {rec['status'].upper()}: {rec['error']}"))
+            + ("" if rec["status"] in (OK, RUNNING) else f"  {rec['status'].upper()}: {rec['error']}"))
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
@@ -456,7 +464,7 @@ def main(argv=None) -> int:
         print(progress_line(spec.name, rec, spec.recipe.epochs), flush=True)
         if args.json:
             print(json.dumps(rec), flush=True)
-    return 0 if rec.get("status") == STATUS_OK else 1
+    return 0 if rec.get("status") == OK else 1
 
 
 if __name__ == "__main__":

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import ray
 import torch
-from ray import tune
+from ray import cloudpickle, tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raybench.configs import TrialSpec
 from raybench.records import OK, OOM, RUNNING
 from raybench.resources import allocator_fraction, next_share
 from raybench.train import Trial
-
-# Fault injection for tests, inert unless set: "TRIAL:EPOCH:BELOW[;...]" makes trial TRIAL raise
-# torch.cuda.OutOfMemoryError in epoch EPOCH while its GPU share is below BELOW (docs/results.md).
-FAULT_OOM_ENV = "RAYBENCH_FAULT_OOM"
-
 
 class TrialOutOfMemory(RuntimeError):
     """A trial ran out of GPU memory below a whole GPU: Tune retries it from its last checkpoint, and
@@ -98,10 +94,8 @@ class StudyTrial(tune.Trainable):
         if use_cuda and self.share < 1:  # before the trial allocates anything
             torch.cuda.set_per_process_memory_fraction(allocator_fraction(
                 spec.name, entry["memory_bytes"], self.share, torch.cuda.get_device_properties(0).total_memory))
-        trial = Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])),
-                      dataset=dataset_for(spec))
-        _inject_oom(trial, self.share)
-        return trial
+        return Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])),
+                     dataset=dataset_for(spec))
 
     def step(self) -> dict:
         if self.records is None:
@@ -127,46 +121,11 @@ class StudyTrial(tune.Trainable):
         return self.trial_name or "raybench-trial"
 
 
-def _inject_oom(trial: Trial, share: float) -> None:
-    """RAYBENCH_FAULT_OOM=TRIAL:EPOCH:BELOW: the named trial's training raises the CUDA OOM in that epoch while
-    its share is below BELOW, inside the trainer's own OOM handling (as a real one would)."""
-    faults = [f.rsplit(":", 2) for f in os.environ.get(FAULT_OOM_ENV, "").split(";") if f]
-    mine = [(int(e), float(b)) for n, e, b in faults if n == trial.spec.name and share < float(b)]
-    if not mine:
-        return
-    epoch, fault = mine[0][0], os.environ[FAULT_OOM_ENV]
-    train_epoch = trial.train_epoch
-
-    def failing_train_epoch():
-        if trial.epoch + 1 == epoch:
-            raise torch.cuda.OutOfMemoryError(f"injected by {FAULT_OOM_ENV}={fault} at share {share:g}")
-        return train_epoch()
-    trial.train_epoch = failing_train_epoch
-
-
-class OomRequeue(tune.schedulers.TrialScheduler):
-    """Wraps the run's scheduler: a trial that failed with TrialOutOfMemory is retried (Tune's failure handling
-    restores it from its last checkpoint) with twice its GPU share, up to a whole GPU, and the OOM does not
-    count against --max-failures. Tune's ResourceChangingScheduler does this for results, not failures, and
-    refuses actor reuse."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    @property
-    def metric(self):
-        return self.base.metric
-
-    @property
-    def supports_buffered_results(self):
-        return self.base.supports_buffered_results
-
-    def set_search_properties(self, metric, mode, **spec):
-        return self.base.set_search_properties(metric, mode, **spec)
-
-    def on_trial_add(self, tune_controller, trial):
-        return self.base.on_trial_add(tune_controller, trial)
+class OomRequeue:
+    """Mixed into the run's scheduler (FifoOomRequeue, AshaOomRequeue): a trial that failed with
+    TrialOutOfMemory is retried (Tune's failure handling restores it from its last checkpoint) with twice its GPU
+    share, up to a whole GPU, and the OOM does not count against --max-failures. Tune's
+    ResourceChangingScheduler does this for results, not failures, and refuses actor reuse."""
 
     def on_trial_error(self, tune_controller, trial):
         if _failed_with_oom(trial):
@@ -175,34 +134,23 @@ class OomRequeue(tune.schedulers.TrialScheduler):
             resources["GPU"] = next_share(share)
             trial.update_resources({k.lower() if k in ("CPU", "GPU") else k: v for k, v in resources.items()})
             trial.run_metadata.num_failures -= 1  # a re-queue, not a failure
-        return self.base.on_trial_error(tune_controller, trial)
+        return super().on_trial_error(tune_controller, trial)
 
-    def on_trial_result(self, tune_controller, trial, result):
-        return self.base.on_trial_result(tune_controller, trial, result)
 
-    def on_trial_complete(self, tune_controller, trial, result):
-        return self.base.on_trial_complete(tune_controller, trial, result)
+class FifoOomRequeue(OomRequeue, FIFOScheduler):
+    """Every trial to its last epoch, in the order added; OOMs re-queued."""
 
-    def on_trial_remove(self, tune_controller, trial):
-        return self.base.on_trial_remove(tune_controller, trial)
 
-    def choose_trial_to_run(self, tune_controller):
-        return self.base.choose_trial_to_run(tune_controller)
-
-    def debug_string(self) -> str:
-        return f"(OomRequeue) {self.base.debug_string()}"
-
-    def save(self, checkpoint_path: str):
-        return self.base.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str):
-        return self.base.restore(checkpoint_path)
+class AshaOomRequeue(OomRequeue, ASHAScheduler):
+    """ASHA's early stopping; OOMs re-queued."""
 
 
 def _failed_with_oom(trial) -> bool:
-    """Tune appends each failure to the trial's error file; the latest one says what it was."""
-    path = trial.error_file
+    """Tune pickles the exception of each failure beside the trial (Trial.handle_error, before the scheduler
+    hears of it): a RayTaskError that is also an instance of its cause."""
+    path = trial.pickled_error_file
     if not path or not os.path.exists(path):
         return False
-    last = Path(path).read_text().rsplit("Failure # ", 1)[-1]
-    return TrialOutOfMemory.__name__ in last
+    with open(path, "rb") as f:
+        error = cloudpickle.load(f)
+    return isinstance(error, TrialOutOfMemory) or isinstance(getattr(error, "cause", None), TrialOutOfMemory)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_VIT, free_port, run_grid
+from injected_faults import oom_env
 
 TINY = ["--only", "vit-p8-e32-l1", "--train-size", "200", "--test-size", "100", "--no-analysis"]
 
@@ -126,7 +127,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     driver was killed with SIGKILL mid-epoch. Nothing of the killed driver's Ray session is left running, and
     the resumed run gets its 2 (logical) GPUs back: enough for a trial that needs a whole one.
 
-    In the resumed run (one local Ray start fewer than a run of its own) RAYBENCH_FAULT_OOM makes one trial
+    In the resumed run (one local Ray start fewer than a run of its own) injected faults make one trial
     run out of GPU memory in epoch 4 until its share reaches 0.5, and the other at any share: the first resumes
     from its epoch-3 checkpoint at 0.25, then 0.5, and finishes; the second climbs to a whole GPU, where an
     OOM is final. Every (trial, epoch) lands exactly once."""
@@ -154,7 +155,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
         time.sleep(1)
     assert not session_processes(session_dir), session_processes(session_dir)
 
-    r = subprocess.run(args + ["--resume"], cwd=tmp_path, env={**env, "RAYBENCH_FAULT_OOM": f"{a}:4:0.5;{b}:4:2"},
+    r = subprocess.run(args + ["--resume"], cwd=tmp_path, env=oom_env(f"{a}:4:0.5;{b}:4:2", env),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # b ended out of memory
     trials = pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").set_index("trial")
