@@ -19,6 +19,7 @@ from pathlib import Path
 from raybench.configs import TrialSpec
 from raybench.experiments import Experiment, ExperimentError, load_experiment
 from raybench import resources as rr
+from raybench.records import SCHEMA, SchemaError, check_schema
 
 # The settings a run keeps across --resume. Each is a grid flag whose parser default is None, so a flag given
 # again on the command line can be told from one left out.
@@ -87,8 +88,8 @@ class RunPlan:
                  "memory_bytes": self.memory_bytes[t.name]} for t in self.experiment.trials]
 
     def record(self) -> dict:
-        return {"experiment": self.experiment.name, "path": self.experiment.path, "git_commit": self.git_commit,
-                "settings": self.settings,
+        return {"schema": SCHEMA, "experiment": self.experiment.name, "path": self.experiment.path,
+                "git_commit": self.git_commit, "settings": self.settings,
                 "trials": {t.name: {"spec": t.to_dict(), "resources": self.resources[t.name],
                                     "memory_bytes": self.memory_bytes[t.name]} for t in self.experiment.trials}}
 
@@ -133,11 +134,14 @@ def select(exp: Experiment, pattern: str | None) -> Experiment:
 
 
 def read_run_record(path: Path) -> dict:
-    """A run folder's experiment.json; a damaged one is an error that names it."""
+    """A run folder's experiment.json; a damaged one, or one of a schema this raybench does not read, is an error
+    that names it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        record = json.loads(path.read_text())
+        check_schema(record.get("schema"), path)
+    except (OSError, json.JSONDecodeError, SchemaError) as e:
         raise ExperimentError(f"{path}: cannot be read ({e}); pass --name for another run") from None
+    return record
 
 
 def write_run_record(plan: RunPlan) -> None:
@@ -231,7 +235,7 @@ def _experiment_name(args) -> str:
 
 def _settings(args, saved: dict | None) -> dict:
     """The run's settings: a flag given now wins, then what experiment.json kept, then the default."""
-    before = {} if saved is None else (saved.get("settings") or saved.get("args") or {})
+    before = {} if saved is None else saved.get("settings", {})
     out = {}
     for key in (*LOCAL_RAY_SETTINGS, "max_failures", "pending_timeout", "storage_path", *TUNE_SETTINGS):
         now = getattr(args, key, None)

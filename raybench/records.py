@@ -1,5 +1,6 @@
-"""The vocabulary every record shares, defined once: trial statuses, the epoch record's columns, the time
-columns a trial's cost is summed from, per-trial figures from epoch rows, and provenance.
+"""The vocabulary every record shares, defined once: the run folder's schema version, trial statuses, the epoch
+record's columns, the time columns a trial's cost is summed from, per-trial figures from epoch rows, and
+provenance.
 
 Imports only pandas (and, when provenance is asked for, torch/ray/transformers), so the Tune callback on the
 driver, the trainer, the bench and the analysis can all use it without loading each other.
@@ -13,6 +14,41 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+
+# --- the run folder's schema (docs/results.md, "Schema") -----------------------------------------------------
+# The layout of experiment.json, epochs.parquet and trials.parquet this raybench writes and reads. Declared in
+# experiment.json ("schema") and in each Parquet file's metadata (SCHEMA_KEY); a folder that declares none
+# (written by hand, or by another tool) is read as this one.
+SCHEMA = 1
+SCHEMA_KEY = b"raybench.schema"
+
+
+class SchemaError(ValueError):
+    """A run folder declares a schema this raybench does not read."""
+
+
+def check_schema(declared, where) -> None:
+    """Refuse a declared schema other than SCHEMA; None (nothing declared) is read as SCHEMA."""
+    if declared is not None and str(declared) != str(SCHEMA):
+        raise SchemaError(f"{where} declares run-folder schema {declared!r}; this raybench reads schema {SCHEMA} "
+                          "only (docs/results.md, \"Schema\")")
+
+
+def write_parquet(df: pd.DataFrame, path) -> None:
+    """`df` as Parquet with the schema declared in the file's metadata (beside pandas' own)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: str(SCHEMA).encode()}),
+                   path)
+
+
+def parquet_schema(path) -> str | None:
+    """The schema a Parquet file declares, or None."""
+    import pyarrow.parquet as pq
+    declared = (pq.read_schema(path).metadata or {}).get(SCHEMA_KEY)
+    return None if declared is None else declared.decode(errors="replace")
+
 
 # --- statuses: a trial's, after its latest record --------------------------------------------------------
 PENDING = "pending"  # not started yet (trials.parquet only)
@@ -40,9 +76,8 @@ def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
     """Per-trial figures from epoch rows, indexed by trial: the one definition behind trials.parquet's summary
     columns (raybench.results) and the analysis tables."""
     ep = epochs.sort_values(["trial", "epoch"])
-    # One-off costs (a frozen backbone's feature pass, compile warm-up) are a trial's time too; runs written
-    # before those columns existed (and hand-made epoch tables) lack them.
-    extra = sum(ep[c].fillna(0.0) if c in ep else 0.0 for c in TIME_COLUMNS[1:])
+    # One-off costs (a frozen backbone's feature pass, compile warm-up) are a trial's time too.
+    extra = sum(ep[c].fillna(0.0) for c in TIME_COLUMNS[1:])
     ep = ep.assign(_total=ep["train_time_s"] + extra)
     g = ep.groupby("trial")
     return pd.DataFrame({

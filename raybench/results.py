@@ -16,7 +16,7 @@ from ray import tune
 
 from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
-                              versions)
+                              versions, write_parquet)
 
 # What a run ends with when nothing failed: every trial finished, or stopped by the scheduler (ASHA).
 ENDED_WELL = (OK, STOPPED_EARLY)
@@ -57,7 +57,7 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
     """Readers (the notebook, a second shell) see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        df.to_parquet(tmp, index=False)
+        write_parquet(df, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -101,8 +101,7 @@ class ResultsWriter(tune.Callback):
                           best_test_acc=float(s.best_test_acc), test_acc_at_10=float(s.test_acc_at_10),
                           mean_epoch_time_s=float(s.mean_epoch_time_s), total_time_s=float(s.total_time_s),
                           device=str(ep.device.iloc[-1]))
-            if "precision" in ep and isinstance(ep.precision.iloc[-1], str):  # epochs written before it lack it
-                fields["precision"] = ep.precision.iloc[-1]  # the setting as the device resolved it
+            fields["precision"] = ep.precision.iloc[-1]  # the setting as the device resolved it
         for k, v in fields.items():
             trials.loc[i, k] = v
         write_atomic(trials, self.trials_path)

@@ -24,8 +24,6 @@ from raybench.configs import (PRECISIONS, ConfigError, DataSpec, ModelConfig, Re
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 
 from raybench.records import DIVERGED, OK, OOM, RUNNING
-# statuses are defined once, in raybench.records; these names stay for callers of the trainer
-from raybench.records import DIVERGED as STATUS_DIVERGED, OK as STATUS_OK, OOM as STATUS_OOM, RUNNING as STATUS_RUNNING  # noqa: E501,F401
 EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
 CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
     "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")

@@ -6,6 +6,7 @@ numbers, statements that flip when the data flips, partial runs, bad folders, th
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -59,7 +60,8 @@ def trial(model: str, recipe: str = "seed", final: float = 0.4, *, seed: int = 0
         t = time_s * (1.5 if e == 1 else 1 + 0.1 * (e % 3 - 1))
         rows.append(dict(trial=name, epoch=e, train_loss=4.6 * (1 - acc), test_loss=4.7 * (1 - acc),
                          train_acc=min(1.0, acc * 1.1), test_acc=acc, train_time_s=t, eval_time_s=t / 5,
-                         images_per_s=50_000 / t, peak_memory_mb=900.0, lr=1e-3, node_id="node-a"))
+                         images_per_s=50_000 / t, cache_time_s=0.0, compile_time_s=0.0, peak_memory_mb=900.0,
+                         lr=1e-3, node_id="node-a"))
     params, trainable, flops = _complexity(cfg)
     accs = [r["test_acc"] for r in rows]
     row = dict(
@@ -69,7 +71,7 @@ def trial(model: str, recipe: str = "seed", final: float = 0.4, *, seed: int = 0
         stem=getattr(cfg, "stem", None), pretrained=bool(getattr(cfg, "pretrained", False) or
                                                           getattr(cfg, "finetune", False)),
         finetune=bool(getattr(cfg, "finetune", False)), swin_size=cfg.short if swin else None, params=params,
-        trainable_params=trainable, flops=flops,
+        trainable_params=trainable, flops=flops, flops_source="closed form",
         gflops=flops / 1e9, image_size=224 if swin else 32, batch_size=32 if swin else 64, lr=1e-3,
         optimizer="adam", epochs=epochs, gpu_fraction=0.25, cpus=1.0, device="NVIDIA H100 80GB HBM3",
         dataset="synthetic", synthetic=True, status=status, error=error, epochs_done=len(rows),
@@ -390,10 +392,6 @@ def test_swin_and_efficiency_statements_follow_the_data(tmp_path):
     swin["swin-small-ft"] = (0.66, 30.0)  # now Small wins
     size = finding(load_run(small_run(tmp_path / "b", {}, swin=swin)), "swin_small_vs_tiny_ft")
     assert size.values["delta_points"] == pytest.approx(6.0) and "(+6.0 points for Small)" in size.text
-    # a run written before trials.parquet had swin_size: the sizes come from the model names, once on load
-    trials = pd.read_parquet(tmp_path / "b" / "trials.parquet")
-    trials.drop(columns=["swin_size"]).to_parquet(tmp_path / "b" / "trials.parquet")
-    assert finding(load_run(tmp_path / "b"), "swin_small_vs_tiny_ft").values == size.values
 
 
 def test_recipe_statement(run_dir):
@@ -478,7 +476,6 @@ def test_flops_source_precision_and_cuda_version_are_shown(tmp_path):
             r["precision"] = precision
     run = load_run(write_run(tmp_path / "run", [vit, res, tv]))
     complexity = summary_tables(run)["complexity"].set_index("model")
-    # the built-in rows carry no flops_source (as before the column existed): closed form, filled on load
     assert complexity["flops_source"].to_dict() == {
         VITS[0]: "closed form", "resnet18-cifar": "closed form", "tv-mobilenet_v3_small": "counted"}
     assert summary_tables(run)["per_trial"].set_index("model")["precision"].to_dict() == {
@@ -489,15 +486,14 @@ def test_flops_source_precision_and_cuda_version_are_shown(tmp_path):
     assert "Precision: bf16 autocast for 2 trial(s), fp32 for 1 trial(s)" in text
     assert "CUDA 12.8" in text
 
-    # A run written before these columns, and before stem/pretrained/finetune: derived once on load.
-    folder = write_run(tmp_path / "old", [trial("resnet18-cifar", final=0.38), trial("resnet18-imagenet-pt", final=0.60)])
-    pd.read_parquet(folder / "trials.parquet").drop(columns=["stem", "pretrained", "finetune"]).to_parquet(
-        folder / "trials.parquet")
-    old = load_run(folder)
-    assert set(summary_tables(old)["complexity"]["flops_source"]) == {"closed form"}
-    assert finding(old, "resnet_pretrained_seed").values["delta_points"] == pytest.approx(22.0)
-    assert "Precision: not recorded in this run." in caveats(old)
-    assert not any("CUDA" in c for c in caveats(old))  # no cuda_version column: nothing claimed
+    # precision and cuda_version are optional: a run without them gets no claim about them
+    folder = write_run(tmp_path / "plain", [trial("resnet18-cifar", final=0.38),
+                                            trial("resnet18-imagenet-pt", final=0.60)])
+    plain = load_run(folder)
+    assert set(summary_tables(plain)["complexity"]["flops_source"]) == {"closed form"}
+    assert finding(plain, "resnet_pretrained_seed").values["delta_points"] == pytest.approx(22.0)
+    assert "Precision: not recorded in this run." in caveats(plain)
+    assert not any("CUDA" in c for c in caveats(plain))  # no cuda_version column: nothing claimed
 
 
 def test_a_run_with_nothing_finished_yet_claims_nothing(tmp_path):
@@ -569,6 +565,34 @@ def test_bad_folders_raise_clear_errors(tmp_path):
     pd.DataFrame({"trial": ["x"]}).to_parquet(run / "trials.parquet")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['model', 'family'"):
         load_run(run)
+
+
+def test_a_folder_declaring_another_schema_is_refused_and_one_declaring_none_is_read_as_this_one(tmp_path, capsys):
+    """docs/results.md, "Schema": the files raybench writes declare its schema; a folder written by hand (as
+    write_run does: plain pandas) or by another tool declares none, with or without experiment.json."""
+    import pyarrow.parquet as pq
+    from raybench.analysis.__main__ import main
+    from raybench.records import SCHEMA, SchemaError, write_parquet
+    run = small_run(tmp_path / "run", {VITS[0]: 0.3, VITS[1]: 0.35})
+    assert pq.read_schema(run / "trials.parquet").metadata.get(b"raybench.schema") is None
+    assert len(load_run(run).per_trial) == 2
+    (run / "experiment.json").write_text(json.dumps({"experiment": "by-hand"}))
+    assert len(load_run(run).per_trial) == 2
+    (run / "experiment.json").write_text(json.dumps({"schema": SCHEMA, "experiment": "by-hand"}))
+    write_parquet(pd.read_parquet(run / "epochs.parquet"), run / "epochs.parquet")  # as the grid writes it
+    assert pq.read_schema(run / "epochs.parquet").metadata[b"raybench.schema"] == str(SCHEMA).encode()
+    assert len(load_run(run).per_trial) == 2
+
+    (run / "experiment.json").write_text(json.dumps({"schema": 99, "experiment": "from-the-future"}))
+    with pytest.raises(SchemaError, match=rf"experiment\.json declares run-folder schema 99; this raybench reads "
+                                          rf"schema {SCHEMA} only"):
+        load_run(run)
+    (run / "experiment.json").unlink()
+    table = pq.read_table(run / "trials.parquet")
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"raybench.schema": b"0"}),
+                   run / "trials.parquet")
+    rc, err = cli_main(capsys, main, run, "--out", tmp_path / "out")
+    assert rc == 1 and "trials.parquet declares run-folder schema '0'" in err and "Traceback" not in err, err
 
 
 def test_find_run_dir(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from conftest import SMALL_VIT, TINY_VIT, run_grid
 from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.gpucheck import max_at_once
-from raybench.train import STATUS_OK, STATUS_OOM, STATUS_RUNNING, Trial
+from raybench.records import OK, OOM, RUNNING
+from raybench.train import Trial
 from test_train import CHANCE_BEATEN, spec_for
 
 pytestmark = [pytest.mark.cuda,
@@ -52,7 +53,7 @@ def test_every_family_trains_on_cuda_and_its_loss_falls(model, recipe, small_syn
     if isinstance(model, str):
         model = SwinConfig(tiny_swin_dir, finetune=model == "swin-ft", num_classes=10)
     recs = run(spec_for(model, epochs=3, **recipe), small_synthetic)
-    assert [r["status"] for r in recs] == [STATUS_RUNNING, STATUS_RUNNING, STATUS_OK]
+    assert [r["status"] for r in recs] == [RUNNING, RUNNING, OK]
     assert all(r["device"] == torch.cuda.get_device_name(0) for r in recs)
     assert recs[-1]["train_loss"] < recs[0]["train_loss"], [r["train_loss"] for r in recs]
     assert recs[-1]["test_acc"] > CHANCE_BEATEN, recs
@@ -80,7 +81,7 @@ def test_bf16_autocast_gives_bf16_logits_an_fp32_loss_and_fp32_weights(model, sm
     trial.model.register_forward_hook(lambda m, i, out: logits.append(out.dtype))
     with LossDtypes() as losses:
         rec = next(trial.epochs())
-    assert rec["status"] == STATUS_OK
+    assert rec["status"] == OK
     assert set(logits) == {torch.bfloat16} and len(logits) == 4 + 1  # 4 training batches of 64, 1 test batch
     assert set(losses.dtypes) == {torch.float32}  # logits go to the loss as fp32
     assert {p.dtype for p in trial.model.parameters()} == {torch.float32}  # autocast keeps fp32 master weights
@@ -152,7 +153,7 @@ def test_a_trial_over_its_allocator_cap_runs_out_of_memory_and_says_so():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["plain"] == "OutOfMemoryError"
     rec = out["record"]
-    assert rec["status"] == STATUS_OOM and "out of memory" in rec["error"].lower(), rec
+    assert rec["status"] == OOM and "out of memory" in rec["error"].lower(), rec
     assert out["reserved_peak"] <= out["cap_bytes"] + 64 * 2**20  # the cap held (allocator rounding aside)
 
 

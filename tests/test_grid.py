@@ -14,6 +14,7 @@ import pytest
 
 from conftest import TINY_VIT, free_port, grid_main, run_grid
 from raybench.experiments import load_experiment
+from raybench.records import SCHEMA, parquet_schema
 
 SMOKE = load_experiment("smoke")
 
@@ -34,6 +35,9 @@ def test_smoke_grid_runs_every_trial_and_epoch(smoke_run):
     assert "(cpu, synthetic data)" in out and "7 ok (accuracies on synthetic data)" in out  # labelled as it prints
     assert out.strip().splitlines()[-1].endswith(str(run_dir))
     assert (run_dir / "analysis" / "report.md").stat().st_size > 0
+    # the folder declares the schema it is written in (docs/results.md, "Schema")
+    assert json.loads((run_dir / "experiment.json").read_text())["schema"] == SCHEMA
+    assert {parquet_schema(run_dir / f) for f in ("epochs.parquet", "trials.parquet")} == {str(SCHEMA)}
 
 
 def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
@@ -337,6 +341,9 @@ def test_unusable_results_folders_and_run_records_are_refused(tmp_path, capsys):
     rc, err = grid_main(capsys, "--resume", "--results-dir", tmp_path / "res", "--name", "smoke-1")
     assert rc == 2 and f"{damaged / 'experiment.json'}: cannot be read" in err, err
     assert "Traceback" not in err
+    (damaged / "experiment.json").write_text(json.dumps({"schema": 99, "experiment": "smoke", "settings": {}}))
+    rc, err = grid_main(capsys, "--resume", "--results-dir", tmp_path / "res", "--name", "smoke-1")
+    assert rc == 2 and f"declares run-folder schema 99; this raybench reads schema {SCHEMA} only" in err, err
 
 
 @pytest.mark.parametrize("checkpoint, message", [

@@ -11,7 +11,8 @@ import torch
 
 from conftest import SMALL_VIT, TINY_VIT, cli_main
 from raybench.configs import ConfigError, DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
-from raybench.train import STATUS_DIVERGED, STATUS_OK, Trial, resolve_precision
+from raybench.records import DIVERGED, OK
+from raybench.train import Trial, resolve_precision
 
 CHANCE_BEATEN = 0.30
 
@@ -47,7 +48,7 @@ def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, t
     spec = spec_for(model, **recipe)
     _, recs = run(spec, small_synthetic)
     assert [r["epoch"] for r in recs] == list(range(1, spec.recipe.epochs + 1))
-    assert recs[-1]["status"] == STATUS_OK
+    assert recs[-1]["status"] == OK
     assert recs[-1]["test_acc"] > CHANCE_BEATEN, recs
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_time_s", "eval_time_s",
                 "images_per_s", "peak_memory_mb", "lr"):
@@ -80,13 +81,13 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(small_syntheti
 
 def test_a_diverging_run_stops_with_status_diverged(small_synthetic):
     _, recs = run(spec_for(TINY_VIT, epochs=3, lr=1e12), small_synthetic)
-    assert recs[-1]["status"] == STATUS_DIVERGED and "non-finite" in recs[-1]["error"]
+    assert recs[-1]["status"] == DIVERGED and "non-finite" in recs[-1]["error"]
     assert len(recs) < 3
 
 
 def test_a_trial_restored_after_it_ended_trains_no_more(small_synthetic, tmp_path):
-    for spec, status in ((spec_for(TINY_VIT, epochs=1), STATUS_OK),
-                         (spec_for(TINY_VIT, epochs=3, lr=1e12), STATUS_DIVERGED)):
+    for spec, status in ((spec_for(TINY_VIT, epochs=1), OK),
+                         (spec_for(TINY_VIT, epochs=3, lr=1e12), DIVERGED)):
         ended, recs = run(spec, small_synthetic)
         assert recs[-1]["status"] == status
         ended.save(tmp_path / "state.pt")
@@ -113,7 +114,7 @@ def test_bf16_and_fp32_learn_alike_and_every_record_says_which_ran(small_synthet
     spec = spec_for(TINY_VIT, epochs=3, precision="auto")
     runs = {p: run(dataclasses.replace(spec, precision=p), small_synthetic)[1] for p in ("fp32", "bf16")}
     for p, recs in runs.items():
-        assert [r["precision"] for r in recs] == [p] * 3 and recs[-1]["status"] == STATUS_OK
+        assert [r["precision"] for r in recs] == [p] * 3 and recs[-1]["status"] == OK
     fp32, bf16 = runs["fp32"][-1], runs["bf16"][-1]
     assert fp32["test_acc"] > CHANCE_BEATEN  # both learnt, so "alike" compares two results that mean something
     assert abs(bf16["test_acc"] - fp32["test_acc"]) <= 0.03, (bf16["test_acc"], fp32["test_acc"])

@@ -6,11 +6,12 @@ because epochs.parquet is written as results arrive while trials.parquet may lag
 without epoch rows falls back to trials.parquet's own summary columns, and says so.
 
 Model identity (stem, pretrained, frozen backbone, Swin size, where the FLOPs come from, precision) is read
-from columns; a column that runs written before it existed lack is derived here, once, so nothing downstream
-parses a model name.
+from columns, so nothing downstream parses a model name. A folder that declares a schema other than the one
+raybench writes (raybench.records.SCHEMA) is refused; one that declares none is read as that schema.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raybench.configs import ConfigError, parse_model_name
-from raybench.records import OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, UNKNOWN, epoch_summary
+from raybench.records import (OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, TIME_COLUMNS, UNKNOWN, check_schema,
+                              epoch_summary, parquet_schema)
 
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
-# What the analysis cannot do without; every other column is optional (see _identity).
-TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "params", "trainable_params", "flops",
-                 "image_size", "epochs", "device", "dataset", "synthetic", "status", "error")
-EPOCH_COLUMNS = ("trial", "epoch", "test_acc", "train_time_s")
+# What the analysis cannot do without; every other column is optional.
+TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "stem", "pretrained", "finetune", "swin_size",
+                 "params", "trainable_params", "flops", "flops_source", "image_size", "epochs", "device", "dataset",
+                 "synthetic", "status", "error")
+EPOCH_COLUMNS = ("trial", "epoch", "test_acc", *TIME_COLUMNS)
 EXPECTED = "epochs.parquet and trials.parquet (written by `python -m raybench.grid`, see docs/results.md)"
 BUILT_IN = ("vit", "resnet", "swin")  # families with closed-form complexity; any other string is a family too
 # A configuration's identity: the same for all its seeds, carried from its first trial.
@@ -142,6 +144,7 @@ def load_run(run_dir) -> Run:
             f"run folder {run_dir} holds no trials.parquet; expected {EXPECTED}"
             + (" (epochs.parquet alone is there)" if epochs_path.exists() else "")
             + (f". Run folders found inside it: {', '.join(hint)}" if hint else ""))
+    _check_declared_schema(run_dir)
     trials = pd.read_parquet(trials_path)
     _require(trials, TRIAL_COLUMNS, trials_path)
     if trials.empty:
@@ -163,6 +166,19 @@ def load_run(run_dir) -> Run:
     return Run(run_dir, trials, epochs, per_trial, _configs(per_trial), missing)
 
 
+def _check_declared_schema(run_dir: Path) -> None:
+    """Each file that declares a schema must declare the one raybench reads (SchemaError, naming both)."""
+    for name in ("trials.parquet", "epochs.parquet"):
+        if (run_dir / name).exists():
+            check_schema(parquet_schema(run_dir / name), run_dir / name)
+    record = run_dir / "experiment.json"
+    try:
+        declared = json.loads(record.read_text()).get("schema") if record.exists() else None
+    except (OSError, ValueError, AttributeError):  # the analysis reads nothing else of it
+        declared = None
+    check_schema(declared, record)
+
+
 def _require(df: pd.DataFrame, columns, path: Path):
     lacking = [c for c in columns if c not in df.columns]
     if lacking:
@@ -174,41 +190,15 @@ def _runs_below(folder: Path) -> list[str]:
 
 
 def _identity(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """trials.parquet with every identity column the analysis reads, those an older run lacks derived once."""
+    """trials.parquet's identity columns as the analysis reads them, and the precision each trial trained in."""
     t = trials.copy()
     t["family"] = t["family"].astype(str)
-    # Runs from before these columns were recorded hold built-in families only, whose configs say it.
-    if "stem" not in t:
-        t["stem"] = [getattr(_parse_built_in(m), "stem", None) for m in t["model"]]
-    if "pretrained" not in t:  # as raybench.results records it: ImageNet weights, or a fine-tuned checkpoint
-        t["pretrained"] = [any(getattr(_parse_built_in(m), a, False) for a in ("pretrained", "finetune"))
-                           for m in t["model"]]
-    if "finetune" not in t:
-        t["finetune"] = [bool(getattr(_parse_built_in(m), "finetune", False)) for m in t["model"]]
     for col in ("pretrained", "finetune"):
         t[col] = t[col].astype("boolean").fillna(False).astype(bool)
-    if "swin_size" not in t:  # tiny, small, micro; a checkpoint folder raybench has no short name for: its slug
-        t["swin_size"] = [_swin_size(m) if f == "swin" else None for m, f in zip(t["model"], t["family"])]
-    built_in = t["family"].isin(BUILT_IN)
-    source = t["flops_source"] if "flops_source" in t else pd.Series(pd.NA, index=t.index, dtype="object")
-    t["flops_source"] = source.where(source.notna() & (source.astype(str) != ""),
-                                     np.where(built_in, "closed form", "not recorded"))
+    source = t["flops_source"].fillna("").astype(str)
+    t["flops_source"] = source.where(source != "", "not recorded")
     t["precision"] = _precision(t, epochs)
     return t
-
-
-def _parse_built_in(model: str):
-    try:
-        return parse_model_name(model)
-    except ConfigError:  # a family raybench does not name this way: identity must come from columns
-        return None
-
-
-def _swin_size(model: str) -> str:
-    cfg = _parse_built_in(model)
-    if cfg is not None:
-        return cfg.short
-    return model.removeprefix("swin-").removesuffix("-ft").removesuffix("-scratch")
 
 
 def _precision(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.Series:
