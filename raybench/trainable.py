@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -151,6 +152,9 @@ def _failed_with_oom(trial) -> bool:
     path = trial.pickled_error_file
     if not path or not os.path.exists(path):
         return False
-    with open(path, "rb") as f:
-        error = cloudpickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            error = cloudpickle.load(f)
+    except (OSError, EOFError, ImportError, AttributeError, pickle.UnpicklingError):  # a class the driver lacks
+        return False
     return isinstance(error, TrialOutOfMemory) or isinstance(getattr(error, "cause", None), TrialOutOfMemory)
