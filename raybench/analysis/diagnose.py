@@ -56,12 +56,15 @@ def _sigma(acc: float, test_images) -> float:
 
 def diagnose(rows: pd.DataFrame, num_classes=None, status: str = "", test_images=None) -> dict:
     """One trial's diagnosis from its epoch rows. Returns diagnosis (labels joined by ","), best_epoch,
-    test_loss_min_epoch, generalization_gap (final train acc - final test acc), final_train_acc, chance."""
+    test_loss_min_epoch, generalization_gap (final train acc - final test acc), final_train_acc, chance, and
+    swings (epoch-to-epoch swings counted) and largest_drop (the largest fall of test accuracy between two
+    epochs), both NaN when the trial is not judged that far."""
     rows = rows.sort_values("epoch") if len(rows) else rows
     classes = float(num_classes) if num_classes is not None and pd.notna(num_classes) and num_classes >= 2 else None
     chance = 1.0 / classes if classes else math.nan
     out = {"diagnosis": TOO_FEW, "best_epoch": math.nan, "test_loss_min_epoch": math.nan,
-           "generalization_gap": math.nan, "final_train_acc": math.nan, "chance": chance}
+           "generalization_gap": math.nan, "final_train_acc": math.nan, "chance": chance, "swings": math.nan,
+           "largest_drop": math.nan}
 
     def skill(acc: float) -> float:
         return (acc - chance) / (1 - chance) if classes else acc
@@ -116,9 +119,11 @@ def diagnose(rows: pd.DataFrame, num_classes=None, status: str = "", test_images
 
     step = max(UNSTABLE_ACC_DROP, NOISE_SIGMAS * math.sqrt(2) * _sigma(final, test_images))
     swings = int((np.diff(acc) < -step).sum())
+    out["largest_drop"] = float(max(0.0, -np.diff(acc).min()))
     if train_loss is not None:
         tl = train_loss.dropna().to_numpy(dtype=float)
         swings = max(swings, int((tl[1:] > (1 + UNSTABLE_LOSS_RISE) * tl[:-1]).sum()))
+    out["swings"] = swings
     unstable = swings >= UNSTABLE_SWINGS
     if unstable:
         labels.append(UNSTABLE)
@@ -152,9 +157,10 @@ def diagnose_trials(epochs: pd.DataFrame, per_trial: pd.DataFrame) -> pd.DataFra
     for r in per_trial.itertuples():
         d = diagnose(groups.get(r.trial, empty), r.num_classes, r.status, r.test_images)
         rows[r.trial] = d
-    cols = ["diagnosis", "best_epoch", "test_loss_min_epoch", "generalization_gap", "final_train_acc", "chance"]
+    cols = ["diagnosis", "best_epoch", "test_loss_min_epoch", "generalization_gap", "final_train_acc", "chance",
+            "swings", "largest_drop"]
     out = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
     out["excluded"] = out["diagnosis"].map(lambda d: bool(labels_of(d) & set(EXCLUDED)))
-    for c in ("best_epoch", "test_loss_min_epoch"):
+    for c in ("best_epoch", "test_loss_min_epoch", "swings"):
         out[c] = out[c].astype("Int64")
     return out

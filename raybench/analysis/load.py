@@ -363,8 +363,10 @@ def data_label(trials: pd.DataFrame) -> str:
     # only a true flag or the synthetic dataset's name: a string "False" from a hand-made table is not synthetic
     flags = flags.map(lambda v: v is True or (isinstance(v, (bool, np.bool_)) and bool(v))
                       or str(v).strip().lower() == "true")
-    labels = ["synthetic data" if s or d == "synthetic" else names.get(str(d), str(d))
-              for d, s in zip(trials["dataset"], flags)]
+    folders = trials["data_dir"].fillna("").astype(str) if "data_dir" in trials else pd.Series("", index=trials.index)
+    labels = ["synthetic data" if s or d == "synthetic" else
+              f"image folder {Path(f).name}" if d == "imagefolder" and f else names.get(str(d), str(d))
+              for d, s, f in zip(trials["dataset"], flags, folders)]
     return ", ".join(sorted(set(labels)))
 
 
