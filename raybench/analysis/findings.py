@@ -288,7 +288,7 @@ def caveats(run: Run) -> list[str]:
     out.append("Epochs planned and input size: " + "; ".join(
         f"{f} ({r}): {row.epochs_planned} epochs at {row.image_size} px" for (f, r), row in plan.iterrows())
         + (". Families trained for different budgets and input sizes are not a like-for-like accuracy comparison."
-           if len(budgets) > 1 else ": the same budget and input size for every trial."))
+           if len(budgets) > 1 else ". Every trial had the same budget and input size."))
     out.append(f"Device: {', '.join(run.devices) or 'not recorded'}"
                + (f" on {run.epochs['node_id'].nunique()} Ray node(s)" if "node_id" in run.epochs
                   and run.epochs["node_id"].astype(str).str.len().gt(0).any() else "")
