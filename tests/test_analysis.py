@@ -643,4 +643,5 @@ def execute_notebook(run_dir, tmp_path, monkeypatch):
                       + str(o.get("data", {}).get("text/markdown", ""))
                       for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert str(run_dir) in outputs and "synthetic data" in outputs
+    assert "left out of comparisons:" in outputs and "diagnosis" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -610,7 +610,8 @@ def throughput_findings(run: Run) -> list[Finding]:
                 f"On {device}, {len(idle)} of {len(m)} models reach under {IDLE_SHARE:.0%} of the best training "
                 f"throughput seen on it ({best.name}, {best['tflops']:.3g} TFLOP/s): {_names(idle.index)}. They leave "
                 "most of what the device gave the best model idle, so they are the ones that pack well, several "
-                "to a GPU."), {"device": device, "models": list(idle.index), "best": best.name}))
+                f"to a {'node' if device == 'cpu' else 'GPU'}."), {"device": device, "models": list(idle.index),
+                                                                 "best": best.name}))
     return out
 
 
