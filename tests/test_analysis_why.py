@@ -165,7 +165,7 @@ def test_which_times_were_measured_while_sharing_and_the_throughput_they_reached
     size = finding(run, "throughput_size_NVIDIA H100 80GB HBM3")
     assert size.values["smallest"] == VITS[0] and size.values["largest"] == "resnet18-cifar"
     assert "the usual forward+backward estimate" in size.text
-    written = write_report(run, tmp_path / "out")
+    written = write_report(run, tmp_path / "out", plots=[])
     per_trial = pd.read_parquet(written.parent / "per_trial.parquet")
     assert {"diagnosis", "best_epoch", "test_loss_min_epoch", "generalization_gap", "train_tflops", "tflops_share",
             "shared_epochs"} <= set(per_trial.columns)

@@ -420,14 +420,15 @@ def excluded_finding(run: Run) -> Finding | None:
         why = [l for l in r.diagnosis.split(",")]
         facts = []
         if pd.notna(r.final_test_acc):
-            facts.append(f"final test accuracy {_pct(r.final_test_acc)}"
-                         + (f", chance {_pct(r.chance)} with {int(r.num_classes)} classes" if pd.notna(r.chance) else ""))
+            chance = f", chance {_pct(r.chance)} with {int(r.num_classes)} classes" if pd.notna(r.chance) else ""
+            facts.append(f"final test accuracy {_pct(r.final_test_acc)}{chance}")
         if r.status != "ok":
             facts.append(f"status {r.status}")
         parts.append(f"{r.trial} ({' and '.join(why)}: {'; '.join(facts) or 'no epoch rows'})")
     text = ("Left out of every comparison, ranking and plot of results (a trial that diverged or does not learn is "
             f"not a result to compare): {'; '.join(parts)}.")
-    return Finding("excluded", text, {"trials": list(ex["trial"]), "diagnoses": dict(zip(ex["trial"], ex["diagnosis"]))})
+    return Finding("excluded", text, {"trials": list(ex["trial"]),
+                                      "diagnoses": dict(zip(ex["trial"], ex["diagnosis"]))})
 
 
 def _with(df: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -621,9 +622,9 @@ def sharing_finding(run: Run) -> Finding | None:
         return None
     sh = pt[pt["shared_epochs"] > 0]
     if sh.empty:
-        return Finding("sharing", (f"Every timed epoch of the {len(pt)} trial(s) ran alone on its device (no other "
-                                   "trial's epoch overlapped it on the same node and GPU): the times per epoch are each "
-                                   "model's own."), {"shared_trials": [], "alone": list(pt["trial"])})
+        return Finding("sharing", (f"Every timed epoch of the {len(pt)} trial(s) ran alone on its device (no "
+                                   "other trial's epoch overlapped it on the same node and GPU): the times per "
+                                   "epoch are each model's own."), {"shared_trials": [], "alone": list(pt["trial"])})
     alone = pt[pt["shared_epochs"] == 0]
     listed = [f"{r.trial} ({int(r.shared_epochs)} of {int(r.timed_epochs)} epochs)" for r in sh.itertuples()]
     text = (f"Times measured while sharing a device: {len(sh)} of {len(pt)} trials had epochs that overlapped another "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raybench.analysis.diagnose import SEP, TOO_FEW, diagnose_trials, labels_of
+from raybench.analysis.diagnose import SEP, diagnose_trials, labels_of
 from raybench.analysis.usage import shared_epochs, throughput
 from raybench.configs import ConfigError, parse_model_name
 from raybench.records import OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, UNKNOWN, epoch_summary
@@ -324,7 +324,7 @@ def _config_diagnosis(diagnoses) -> str:
         return diagnoses[0]
     counts = {}
     for d in diagnoses:
-        for label in (labels_of(d) or {d or TOO_FEW}):
+        for label in (labels_of(d) or ({d} if d else set())):  # "": judged, and no label holds
             counts[label] = counts.get(label, 0) + 1
     return SEP.join(l if c == len(diagnoses) else f"{l} ({c}/{len(diagnoses)})" for l, c in counts.items())
 

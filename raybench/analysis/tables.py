@@ -87,8 +87,8 @@ def table_titles(run: Run) -> dict[str, str]:
                            f"{FLOPS_SOURCES}"),
             "per_trial": (f"Every trial, its status, its diagnosis and where its numbers come from ({d}); "
                           "diagnosis vocabulary and thresholds: docs/analysis.md"),
-            "throughput": (f"What each time measured ({d}): training throughput, train TFLOP/s = {TRAIN_FLOPS_FACTOR:g} x "
-                           "forward FLOPs x training images/s (the forward+backward estimate), its share of the best "
+            "throughput": (f"What each time measured ({d}): training throughput, train TFLOP/s = "
+                           f"{TRAIN_FLOPS_FACTOR:g} x forward FLOPs x training images/s (the forward+backward estimate), its share of the best "
                            "on the same device kind, and the epochs that shared the device with another trial")}
 
 
