@@ -600,8 +600,8 @@ def throughput_findings(run: Run) -> list[Finding]:
                 f"({hi['gflops']:.3g} GFLOPs/img)"
                 + (f"; across {len(m)} models, Spearman rank correlation of throughput with FLOPs {rho:.2f}"
                    if rho == rho else "")
-                + ". Small models are too small to keep the device busy: their time is launch and data overhead "
-                  "more than arithmetic.")
+                + (". The small models' steps are too small to keep the device busy." if
+                   lo["tflops"] < IDLE_SHARE * hi["tflops"] else "."))
         out.append(Finding(f"throughput_size_{device}", text, {
             "device": device, "smallest": lo.name, "largest": hi.name, "fraction": lo["tflops"] / hi["tflops"],
             "spearman": rho}))
