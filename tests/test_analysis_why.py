@@ -223,3 +223,24 @@ def test_curve_axes_do_not_magnify_noise(tmp_path):
     ax.figure.canvas.draw()
     shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert shown and all(float(t).is_integer() for t in shown)
+
+
+# ----------------------------------------------------------------------------------------- the docs keep up
+def test_every_threshold_and_every_finding_is_in_docs_analysis(tmp_path, request):
+    import re
+    from pathlib import Path
+
+    from raybench.analysis import diagnose, findings as findings_module, plots, usage
+    doc = (Path(request.config.rootpath) / "docs" / "analysis.md").read_text()
+    for module in (diagnose, usage, findings_module, plots):
+        for name, value in vars(module).items():
+            if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert name in doc, f"{module.__name__}.{name} is not explained in docs/analysis.md"
+    table = doc[doc.index("## The discussion: every finding and when it fires"):]
+    documented = [re.compile(re.sub(r"<[^>]+>", ".+", t).replace("*", ".*"))
+                  for row in table.splitlines() if row.startswith("| `")
+                  for t in re.findall(r"`([^`]+)`", row.split("|")[1])]
+    runs = [seed_study(tmp_path / "seed"), load_run(small_run(tmp_path / "grid", {m: vit_acc(m) for m in VITS},
+                                                             resnet=0.38, swin={"swin-tiny-ft": (0.6, 20.0)}))]
+    for f in (f for run in runs for f in findings(run)):
+        assert any(p.fullmatch(f.topic) for p in documented), f"finding {f.topic} is not listed in docs/analysis.md"
