@@ -244,3 +244,21 @@ def test_every_threshold_and_every_finding_is_in_docs_analysis(tmp_path, request
                                                              resnet=0.38, swin={"swin-tiny-ft": (0.6, 20.0)}))]
     for f in (f for run in runs for f in findings(run)):
         assert any(p.fullmatch(f.topic) for p in documented), f"finding {f.topic} is not listed in docs/analysis.md"
+
+
+def test_a_folder_written_by_hand_with_the_required_columns_only_gets_the_new_columns(tmp_path):
+    from raybench.analysis.load import EPOCH_COLUMNS, TRIAL_COLUMNS
+    folder = small_run(tmp_path / "run", {VITS[0]: 0.3, VITS[7]: 0.4})
+    trials = pd.read_parquet(folder / "trials.parquet")[list(TRIAL_COLUMNS)].assign(dataset="fashion-mnist")
+    trials.to_parquet(folder / "trials.parquet")  # no `synthetic` flag: the dataset's name decides
+    pd.read_parquet(folder / "epochs.parquet")[list(EPOCH_COLUMNS)].to_parquet(folder / "epochs.parquet")
+    run = load_run(folder)
+    assert run.label == "fashion-mnist"
+    pt = run.per_trial.set_index("model")
+    assert pt.loc[VITS[7], "diagnosis"] == "converged" and pt.loc[VITS[7], "best_epoch"] == 12
+    assert pt[["train_tflops", "shared_epochs", "generalization_gap"]].isna().all().all()  # not in the data
+    said = " ".join(caveats(run))
+    assert "classes not recorded" in said and "Whether trials shared a device is not known" in said
+    report = write_report(run, tmp_path / "out", plots=[])
+    assert "synthetic" not in report.read_text().lower()
+    assert {"diagnosis", "train_tflops", "shared_epochs"} <= set(pd.read_parquet(report.parent / "per_trial.parquet"))
