@@ -71,8 +71,9 @@ def shared_epochs(epochs: pd.DataFrame, trial_device: pd.Series) -> pd.DataFrame
     ep = ep[ep["node_id"].astype(str) != ""].reset_index(drop=True)
     if ep.empty:
         return out
-    ep = ep.assign(device=ep["device"] if "device" in ep else ep["trial"].map(trial_device),
-                   gpu_ids=ep["gpu_ids"] if "gpu_ids" in ep else "")
+    from_trials = ep["trial"].map(trial_device)
+    ep = ep.assign(device=ep["device"].fillna(from_trials) if "device" in ep else from_trials,
+                   gpu_ids=ep["gpu_ids"].fillna("") if "gpu_ids" in ep else "")
     keyed = ep.assign(key=[_gpu_keys(r) for r in ep.itertuples()]).explode("key")
     shared = np.zeros(len(ep), dtype=bool)
     for _, g in keyed.groupby("key"):
