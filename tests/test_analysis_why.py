@@ -170,6 +170,11 @@ def test_which_times_were_measured_while_sharing_and_the_throughput_they_reached
     assert {"diagnosis", "best_epoch", "test_loss_min_epoch", "generalization_gap", "train_tflops", "tflops_share",
             "shared_epochs"} <= set(per_trial.columns)
     assert "epochs shared" in (written.parent / "throughput.md").read_text()
+    from raybench.analysis.plots import SCATTERS, _scatter, family_colors
+    stem, col, label, log = SCATTERS[2]  # accuracy vs time: the shared times say so on their points
+    fig = _scatter(run, run.complete, col, label, log, family_colors(run.families))
+    shown = [t.get_text() for t in fig.axes[0].texts]
+    assert f"{VITS[7]} (shared)" in shown and "resnet18-cifar" in shown
     # a run folder without start/end times (written by hand): nothing claimed about sharing, and it says so
     assert finding(load_run(small_run(tmp_path / "hand", {VITS[0]: 0.3})), "sharing") is None
     assert "Whether trials shared a device is not known" in " ".join(caveats(load_run(tmp_path / "hand")))

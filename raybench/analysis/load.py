@@ -27,7 +27,7 @@ from raybench.records import OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, UNKNO
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
 # Per-trial facts the diagnose step derives (diagnose.py, usage.py), averaged over seeds like METRICS.
-DERIVED = ("final_train_acc", "generalization_gap", "train_tflops", "tflops_share")
+DERIVED = ("final_train_acc", "generalization_gap", "train_tflops", "tflops_share", "shared_epochs")
 # Known class counts of the named datasets, for runs whose epoch rows do not record `num_classes`.
 DATASET_CLASSES = {"cifar100": 100}
 # What the analysis cannot do without; every other column is optional (see _identity).

@@ -107,7 +107,11 @@ def _scatter(run: Run, df: pd.DataFrame, col: str, xlabel: str, log, colors: dic
     ax.plot(front[col], 100 * front["final_test_acc"], "k--", drawstyle="steps-post", lw=1, zorder=2,
             label="Pareto front (no other point cheaper and better)")
     ax.scatter(front[col], 100 * front["final_test_acc"], s=120, facecolors="none", edgecolors="k", zorder=4)
-    _label_points(fig, ax, df[col], 100 * df["final_test_acc"], [run.config_label(r) for _, r in df.iterrows()])
+    labels = [run.config_label(r) for _, r in df.iterrows()]
+    if col == "mean_epoch_time_s" and (df["shared_epochs"] > 0).any():  # a time that includes neighbours' load
+        labels = [f"{l} (shared)" if s > 0 else l for l, s in zip(labels, df["shared_epochs"])]
+        xlabel += "; (shared): measured while sharing its device"
+    _label_points(fig, ax, df[col], 100 * df["final_test_acc"], labels)
     what = {"params_m": "parameters", "gflops": "FLOPs", "mean_epoch_time_s": "training time per epoch"}[col]
     bars = "\nerror bars: ±1 standard deviation over seeds" if (df["n"] > 1).any() else ""
     ax.set(xlabel=xlabel, ylabel="final test accuracy (%)", title=f"Final test accuracy vs {what} ({run.label}){bars}")
