@@ -69,7 +69,8 @@ PARTIAL = "partial"  # the analysis' status of a configuration shown from unfini
 TIME_COLUMNS = ("train_time_s", "eval_time_s", "cache_time_s", "compile_time_s")
 EPOCH_COLUMNS = ("trial", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", *TIME_COLUMNS[:2],
                  "images_per_s", "peak_memory_mb", "lr", "status", "device", "precision", "threads", "node_id",
-                 "gpu_ids", "gpu_share", "pid", "started_at", "finished_at", *TIME_COLUMNS[2:], "feature_cache", "compiled")
+                 "gpu_ids", "gpu_share", "pid", "started_at", "finished_at", *TIME_COLUMNS[2:], "feature_cache", "compiled",
+                 "num_classes", "train_images", "test_images")
 
 
 def epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:

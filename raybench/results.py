@@ -46,7 +46,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "gpu_fraction": float(resources[s.name]["gpu"]), "cpus": float(resources[s.name]["cpu"]),
             # every attempt's share, in order: an out-of-memory trial is re-queued with twice its share
             "gpu_shares": f"{float(resources[s.name]['gpu']):g}",
-            "device": "", "precision": s.precision, "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
+            "device": "", "precision": s.precision, "dataset": s.data.name, "data_dir": s.data.data_dir or "", "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
             "total_time_s": math.nan, **ver, "git_commit": commit})

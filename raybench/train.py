@@ -317,7 +317,8 @@ class Trial:
                    "compiled": self.compile, "peak_memory_mb": peak_memory_mb(self.device), "status": self.status,
                    "error": f"non-finite training loss ({rec['train_loss']}) in epoch {self.epoch}" if diverged
                    else "", "device": device, "precision": self.precision, "threads": torch.get_num_threads(),
-                   "started_at": started_at, "finished_at": time.time()}
+                   "started_at": started_at, "finished_at": time.time(), "num_classes": self.data.num_classes,
+                   "train_images": len(self.data.train_y), "test_images": len(self.data.test_y)}
             if diverged:
                 return
 

@@ -251,7 +251,7 @@ def test_written_tables_and_markdown(report, run_dir):
 def test_every_plot_written(report):
     out = report.parent
     stems = ["acc_vs_params", "acc_vs_flops", "acc_vs_time", "curves_vit", "curves_resnet", "curves_swin",
-             "knob_effects", "recipes"]
+             "knob_effects", "recipes", "tflops_vs_flops"]
     for stem in stems:
         for ext in ("png", "svg"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
@@ -263,7 +263,11 @@ def test_every_plot_written(report):
     # patch, dim and depth vary across completed ViTs; heads only in the diverged trial, MLP ratio never.
     assert "patch size" in knobs and "width" in knobs and "depth" in knobs
     assert "attention heads" not in knobs and "MLP ratio" not in knobs
-    assert "(diverged)" in (out / "curves_vit.svg").read_text()
+    curves = (out / "curves_vit.svg").read_text()
+    assert "(diverged)" in curves and "vit-p4-e128-l4-h2-m2 (mean of 3 seeds; band: their range)" in curves
+    assert "training" in curves and "loss" in curves  # training and test, accuracy and loss
+    assert "error bars: ±1 standard deviation over seeds" in (out / "acc_vs_params.svg").read_text()
+    assert "3 x forward FLOPs x images/s" in (out / "tflops_vs_flops.svg").read_text()
 
 
 def test_report_contents(report, run_dir):
@@ -663,4 +667,5 @@ def execute_notebook(run_dir, tmp_path, monkeypatch):
                       + str(o.get("data", {}).get("text/markdown", ""))
                       for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert str(run_dir) in outputs and "synthetic data" in outputs
+    assert "left out of comparisons:" in outputs and "diagnosis" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -6,6 +6,8 @@
 Input contract: docs/results.md; how each figure is derived: docs/analysis.md. The modules follow the data:
 
     load      Run, load_run: trials.parquet + epochs.parquet -> per-trial and per-configuration frames
+    diagnose  each trial's learning diagnosis from its epoch rows (load adds it to per_trial)
+    usage     what each time measured: train TFLOP/s, its share of the best per device, shared epochs
     tables    summary_tables, write_tables: the frames' columns as tables, Markdown and Parquet
     plots     make_plots: PNG + SVG
     findings  findings, caveats: the report's sentences, each computed from the data

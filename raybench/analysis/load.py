@@ -20,15 +20,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raybench.analysis.diagnose import SEP, diagnose_trials, labels_of
+from raybench.analysis.usage import shared_epochs, throughput
 from raybench.records import (OK, PARTIAL, PENDING, RUNNING, STOPPED_EARLY, TIME_COLUMNS, UNKNOWN, check_schema,
                               epoch_summary, parquet_schema)
 
 KNOBS = ("patch", "dim", "depth", "heads", "mlp_ratio")
 METRICS = ("final_test_acc", "best_test_acc", "test_acc_at_10", "mean_epoch_time_s", "total_time_s")
+# Per-trial facts the diagnose step derives (diagnose.py, usage.py), averaged over seeds like METRICS.
+DERIVED = ("final_train_acc", "generalization_gap", "train_tflops", "tflops_share", "shared_epochs")
+# Known class counts of the named datasets, for runs whose epoch rows do not record `num_classes`.
+DATASET_CLASSES = {"cifar100": 100}
 # What the analysis cannot do without; every other column is optional.
 TRIAL_COLUMNS = ("trial", "model", "family", "recipe", "seed", *KNOBS, "stem", "pretrained", "finetune", "swin_size",
                  "params", "trainable_params", "flops", "flops_source", "image_size", "epochs", "device", "dataset",
-                 "synthetic", "status", "error")
+                 "status", "error")
 EPOCH_COLUMNS = ("trial", "epoch", "test_acc", *TIME_COLUMNS)
 EXPECTED = "epochs.parquet and trials.parquet (written by `python -m raybench.grid`, see docs/results.md)"
 BUILT_IN = ("vit", "resnet", "swin")  # families with closed-form complexity; any other string is a family too
@@ -73,14 +79,20 @@ class Run:
         return row["model"] if self.configs["recipe"].nunique() <= 1 else f"{row['model']} ({row['recipe']})"
 
     def done(self, family: str | None = None) -> pd.DataFrame:
-        """Complete configurations (status ok, every planned epoch of a trial recorded), of one family if given."""
+        """Complete configurations (status ok, every planned epoch of a trial recorded, not diagnosed `diverged`
+        or `not learning`), of one family if given: what every comparison is made from."""
         c = self.complete
         return c if family is None or c.empty else c[c["family"] == family]
 
     @cached_property
+    def excluded(self) -> pd.DataFrame:
+        """Trials diagnosed `diverged` or `not learning`: named by the report, compared with nothing."""
+        return self.per_trial[self.per_trial["excluded"]]
+
+    @cached_property
     def complete(self) -> pd.DataFrame:
         c = self.configs
-        return c[(c["status"] == OK) & c["final_test_acc"].notna()] if len(c) else c
+        return c[(c["status"] == OK) & c["final_test_acc"].notna() & ~c["excluded"]] if len(c) else c
 
     @cached_property
     def knob_matches(self) -> dict[str, pd.DataFrame]:
@@ -162,7 +174,7 @@ def load_run(run_dir) -> Run:
     if not epochs_path.exists():
         missing.append(f"epochs.parquet is missing from {run_dir}: no learning curves, and the per-trial "
                        "numbers are trials.parquet's summary columns")
-    per_trial = _per_trial(trials, epochs, missing)
+    per_trial = _diagnosed(_per_trial(trials, epochs, missing), trials, epochs)
     return Run(run_dir, trials, epochs, per_trial, _configs(per_trial), missing)
 
 
@@ -273,6 +285,40 @@ def _what_is_missing(df: pd.DataFrame, trials: pd.DataFrame, epochs: pd.DataFram
     return notes
 
 
+def _last_per_trial(epochs: pd.DataFrame, col: str) -> pd.Series:
+    if col not in epochs or not len(epochs):
+        return pd.Series(dtype="float64")
+    return pd.to_numeric(epochs[col], errors="coerce").groupby(epochs["trial"]).last()
+
+
+def _diagnosed(df: pd.DataFrame, trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """per_trial with the diagnose step's columns: what the data was (num_classes, train/test images), the
+    learning diagnosis (diagnose.py) and what the time measured (usage.py)."""
+    df = df.copy()
+    for col in ("num_classes", "train_images", "test_images"):
+        recorded = trials[col] if col in trials else pd.Series(np.nan, index=trials.index)
+        df[col] = df["trial"].map(_last_per_trial(epochs, col)).fillna(recorded.astype("float64"))
+    df["num_classes"] = df["num_classes"].fillna(df["dataset"].astype(str).map(DATASET_CLASSES))
+    if "data_dir" not in df:
+        df["data_dir"] = ""
+    df["data_dir"] = df["data_dir"].fillna("").astype(str)
+    df = df.join(diagnose_trials(epochs, df), on="trial")
+    df = df.join(throughput(df, epochs), on="trial")
+    return df.join(shared_epochs(epochs, df.set_index("trial")["device"].fillna("").astype(str)), on="trial")
+
+
+def _config_diagnosis(diagnoses) -> str:
+    """The diagnoses of a configuration's seeds: a label every seed has, bare; one some have, with its count."""
+    diagnoses = list(diagnoses)
+    if len(diagnoses) == 1:
+        return diagnoses[0]
+    counts = {}
+    for d in diagnoses:
+        for label in (labels_of(d) or ({d} if d else set())):  # "": judged, and no label holds
+            counts[label] = counts.get(label, 0) + 1
+    return SEP.join(l if c == len(diagnoses) else f"{l} ({c}/{len(diagnoses)})" for l, c in counts.items())
+
+
 def _configs(per_trial: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, recipe), seeds averaged. A config's complete trials are used when it has any
     (status 'ok'); else its unfinished, unfailed ones (status 'partial'), so a running grid still shows; else
@@ -281,6 +327,8 @@ def _configs(per_trial: pd.DataFrame) -> pd.DataFrame:
     for (model, recipe), g in per_trial.groupby(["model", "recipe"], sort=False):
         g = g[g["epochs_done"] > 0]
         done, unfinished = g[g["complete"]], g[g["status"].isin([RUNNING, OK])]
+        if (~done["excluded"]).any():  # a seed that diverged or learnt nothing is no sample of the config
+            done = done[~done["excluded"]]
         use, status = next(((d, s) for d, s in ((done, OK), (unfinished, PARTIAL),
                                                  (g[g["status"] == STOPPED_EARLY], STOPPED_EARLY)) if len(d)),
                            (g.iloc[:0], None))
@@ -290,8 +338,9 @@ def _configs(per_trial: pd.DataFrame) -> pd.DataFrame:
         row = {c: first[c] for c in CONFIG_COLUMNS}
         row.update(n=len(use), status=status, epochs_done=int(use["epochs_done"].min()),
                    seeds=", ".join(str(int(s)) for s in sorted(use["seed"])), trials=", ".join(use["trial"]),
-                   precision=", ".join(sorted(set(use["precision"]) - {""})))
-        for m in METRICS:
+                   precision=", ".join(sorted(set(use["precision"]) - {""})),
+                   diagnosis=_config_diagnosis(use["diagnosis"]), excluded=bool(use["excluded"].all()))
+        for m in (*METRICS, *DERIVED):
             row[m] = use[m].mean()
             row[m + "_std"] = use[m].std(ddof=1) if len(use) > 1 else np.nan
         rows.append(row)
@@ -300,8 +349,14 @@ def _configs(per_trial: pd.DataFrame) -> pd.DataFrame:
 
 def data_label(trials: pd.DataFrame) -> str:
     names = {"cifar100": "CIFAR-100", "imagefolder": "ImageFolder data"}
-    labels = ["synthetic data" if bool(s) or d == "synthetic" else names.get(str(d), str(d))
-              for d, s in zip(trials["dataset"], trials["synthetic"].fillna(False))]
+    flags = trials["synthetic"] if "synthetic" in trials else pd.Series(False, index=trials.index)
+    # only a true flag or the synthetic dataset's name: a string "False" from a hand-made table is not synthetic
+    flags = flags.map(lambda v: v is True or (isinstance(v, (bool, np.bool_)) and bool(v))
+                      or str(v).strip().lower() == "true")
+    folders = trials["data_dir"].fillna("").astype(str) if "data_dir" in trials else pd.Series("", index=trials.index)
+    labels = ["synthetic data" if s or d == "synthetic" else
+              f"image folder {Path(f).name}" if d == "imagefolder" and f else names.get(str(d), str(d))
+              for d, s, f in zip(trials["dataset"], flags, folders)]
     return ", ".join(sorted(set(labels)))
 
 

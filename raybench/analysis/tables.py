@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raybench.analysis.load import BUILT_IN, KNOBS, METRICS, Run
+from raybench.analysis.load import BUILT_IN, DERIVED, KNOBS, METRICS, Run
+from raybench.analysis.usage import TRAIN_FLOPS_FACTOR
 from raybench.records import OK
 
 FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates, attention matmuls included"
@@ -19,25 +20,29 @@ KNOB_LABELS = {"patch": "patch size (px)", "dim": "width (dim)", "depth": "depth
 FLOPS_SOURCES = ("closed form: raybench's formulas, held to the built models by its tests; counted: "
                  "torch.utils.flop_counter on the built model")
 _CONFIG_TABLE = ["model", "recipe", "n", "status", "epochs_done", "epochs_planned", "params", "gflops",
-                 "mean_epoch_time_s", "test_acc_at_10", "final_test_acc", "best_test_acc"]
+                 "mean_epoch_time_s", "test_acc_at_10", "final_test_acc", "best_test_acc", "final_train_acc",
+                 "diagnosis"]
+# The diagnose step's per-trial columns (docs/analysis.md): what each trial's curve says, and its time.
+DIAGNOSIS_COLUMNS = ["diagnosis", "best_epoch", "test_loss_min_epoch", "final_train_acc", "generalization_gap"]
+TIME_COLUMNS = ["images_per_s", "train_tflops", "tflops_share", "shared_epochs", "timed_epochs"]
 
 
 def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
     """Every table, keyed by file stem. Empty tables are kept (with their columns) so code can rely on the keys."""
     c = run.configs if len(run.configs) else pd.DataFrame(columns=[
         "model", "recipe", "family", "n", "status", "epochs_done", "epochs_planned", *KNOBS, "params",
-        "trainable_params", "gflops", "flops_source", "pretrained", "finetune", "seeds",
-        *METRICS, *(m + "_std" for m in METRICS)])
+        "trainable_params", "gflops", "flops_source", "pretrained", "finetune", "seeds", "diagnosis", "excluded",
+        *METRICS, *(m + "_std" for m in METRICS), *DERIVED, *(m + "_std" for m in DERIVED)])
     vit_resnet = _ranked(c[c["family"].isin(["vit", "resnet"])])[_CONFIG_TABLE]
     swin = _ranked(c[c["family"] == "swin"])[
         ["model", "recipe", "n", "status", "epochs_done", "epochs_planned", "trainable_params", "params",
-         "mean_epoch_time_s", "total_time_s", "final_test_acc"]]
+         "mean_epoch_time_s", "total_time_s", "final_test_acc", "final_train_acc", "diagnosis"]]
     # Families beyond the study's own (torchvision, hf, py, ...): one table, a row per configuration, each row
     # naming its family; their FLOPs may be counted rather than closed-form, so the table says which.
     others = _ranked(c[~c["family"].isin(BUILT_IN)], by=("family",))[
         ["family", "model", "recipe", "n", "status", "epochs_done", "epochs_planned", "pretrained", "finetune",
          "trainable_params", "params", "gflops", "flops_source", "mean_epoch_time_s", "total_time_s",
-         "test_acc_at_10", "final_test_acc", "best_test_acc"]]
+         "test_acc_at_10", "final_test_acc", "best_test_acc", "final_train_acc", "diagnosis"]]
     multi = c[c["n"] > 1]
     seeds = multi[["model", "recipe", "n", "seeds"]].copy()
     for m in METRICS:
@@ -49,16 +54,22 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame]:
                   .assign(_f=lambda d: d["family"].map({f: i for i, f in enumerate(run.families)}))
                   .sort_values(["_f", "params"]).drop(columns="_f").reset_index(drop=True))
     trials = pt[["trial", "model", "family", "recipe", "seed", "status", "epochs_done", "epochs_planned",
-                 "final_test_acc", "best_test_acc", "mean_epoch_time_s", "precision", "source", "error"]]
+                 "final_test_acc", "best_test_acc", *DIAGNOSIS_COLUMNS, "mean_epoch_time_s", *TIME_COLUMNS,
+                 "precision", "source", "error"]]
+    # What each time measured: throughput per device kind, and whether the trial shared its device.
+    throughput = (pt[pt["epochs_done"] > 0][["trial", "model", "device", "gflops", "mean_epoch_time_s",
+                                             *TIME_COLUMNS]]
+                  .sort_values(["device", "train_tflops"], ascending=[True, False]).reset_index(drop=True))
     return {"vit_resnet": vit_resnet, "swin": swin, "other_families": others, "seeds": seeds.reset_index(drop=True),
             "knob_effects": run.knob_effects, "recipes": run.recipe_pairs, "complexity": complexity,
-            "per_trial": trials}
+            "per_trial": trials, "throughput": throughput}
 
 
 def _ranked(configs: pd.DataFrame, by=()) -> pd.DataFrame:
     """Per recipe (seed, then improved), finished configurations first by accuracy; below them the partial and
-    stopped-early ones, whose accuracy is from fewer epochs and would otherwise top a ranking it is not part of."""
-    return (configs.assign(_done=configs["status"] == OK)
+    stopped-early ones, whose accuracy is from fewer epochs and would otherwise top a ranking it is not part of,
+    and the ones diagnosed `diverged` or `not learning` (their diagnosis column says so)."""
+    return (configs.assign(_done=(configs["status"] == OK) & ~configs["excluded"].astype(bool))
             .sort_values([*by, "recipe", "_done", "final_test_acc"], ascending=[*(True for _ in by), False, False, False])
             .drop(columns="_done").reset_index(drop=True))
 
@@ -74,7 +85,11 @@ def table_titles(run: Run) -> dict[str, str]:
             "recipes": f"seed vs improved recipe, paired by model ({d})",
             "complexity": (f"Every model's size and cost per image ({d}); {FLOPS_NOTE}; FLOPs source: "
                            f"{FLOPS_SOURCES}"),
-            "per_trial": f"Every trial, its status and where its numbers come from ({d})"}
+            "per_trial": (f"Every trial, its status, its diagnosis and where its numbers come from ({d}); "
+                          "diagnosis vocabulary and thresholds: docs/analysis.md"),
+            "throughput": (f"What each time measured ({d}): training throughput, train TFLOP/s = "
+                           f"{TRAIN_FLOPS_FACTOR:g} x forward FLOPs x training images/s (the forward+backward estimate), its share of the best "
+                           "on the same device kind, and the epochs that shared the device with another trial")}
 
 
 def pareto_front(df: pd.DataFrame, cost: str, value: str = "final_test_acc") -> pd.DataFrame:
@@ -99,6 +114,15 @@ _MD_FORMAT = {
     "n_matched": ("configs matched", str),
     "image_size": ("input (px)", lambda v: num(v)),
     "flops_source": ("FLOPs source", str),
+    "final_train_acc": ("train acc (%)", lambda v: f"{100 * v:.1f}"),
+    "generalization_gap": ("train - test (points)", lambda v: f"{100 * v:+.1f}"),
+    "train_tflops": (f"train TFLOP/s ({TRAIN_FLOPS_FACTOR:g} x fwd)", lambda v: f"{v:.3g}"),
+    "tflops_share": ("share of best on device (%)", lambda v: f"{100 * v:.0f}"),
+    "images_per_s": ("train img/s", lambda v: f"{v:,.0f}"),
+    "shared_epochs": ("epochs shared", lambda v: num(v)),
+    "timed_epochs": ("epochs timed", lambda v: num(v)),
+    "best_epoch": ("best epoch", lambda v: num(v)),
+    "test_loss_min_epoch": ("min test loss epoch", lambda v: num(v)),
 }
 
 
