@@ -210,16 +210,30 @@ def make_plan(args) -> RunPlan:
     local = None if address else LocalRay(math.ceil(gpus), settings["cpus"], not settings["no_dashboard"],
                                           settings["dashboard_host"])
     if local:
-        msg = rr.unfit(resources, [{"CPU": local.cpus or os.cpu_count(), "GPU": local.gpus}])
+        node = {"CPU": local.cpus or os.cpu_count(), "GPU": local.gpus}
+        msg = rr.unfit(resources, [node])
         if msg:
-            raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
-                                  "--gpus / --cpus (or lower the experiment's resources)")
+            raise ExperimentError(f"{msg}: {_unfit_hint(resources, node)}")
     timeout = settings["pending_timeout"]
     return RunPlan(exp, resources, memory, run_dir, settings["storage_path"], address, local, settings,
                    resume=saved is not None, gpu_cap=settings["gpus"] if address else None,
                    max_failures=settings["max_failures"], pending_timeout_s=None if timeout is None else 60 * timeout,
                    given=tuple(k for k in settings if getattr(args, k, None) is not None),
                    git_commit=git_commit(), notes=notes)
+
+
+def _unfit_hint(resources: dict, node: dict) -> str:
+    """What to change so that every trial fits the local Ray: the resource the trials ask too much of."""
+    hints = []
+    cpus = max(r["cpu"] for r in resources.values())
+    if cpus > node["CPU"] + 1e-9:
+        hints.append(f"lower --cpus-per-trial (or the experiment's resources.cpu) to at most {node['CPU']:g}"
+                     + (f", or start the local Ray with --cpus {math.ceil(cpus)}" if cpus <= (os.cpu_count() or 1)
+                        else f" (this machine has {os.cpu_count()} CPUs)"))
+    if max(r["gpu"] for r in resources.values()) > node["GPU"] + 1e-9:
+        hints.append("use --gpus 0 to train on CPU, or give the local Ray more GPUs with --gpus (or lower the "
+                     "experiment's resources.gpu)")
+    return "; ".join(hints)
 
 
 def _experiment_name(args) -> str:
