@@ -144,17 +144,17 @@ def _pending_timeout_callback():
     return PendingTimeout
 
 
-def preflight(plan: RunPlan) -> list[str]:
+def preflight(experiment) -> list[str]:
     """What would make trials fail at start (data or pretrained weights that cannot be had), found now."""
     from raybench.data import DatasetUnavailable, check_available
     from raybench.models import WeightsUnavailable, check_weights
     problems = []
-    for data in dict.fromkeys(t.data for t in plan.experiment.trials):
+    for data in dict.fromkeys(t.data for t in experiment.trials):
         try:
             check_available(data)
         except DatasetUnavailable as e:
             problems.append(str(e))
-    for model in dict.fromkeys(t.model for t in plan.experiment.trials):
+    for model in dict.fromkeys(t.model for t in experiment.trials):
         try:
             check_weights(model)
         except WeightsUnavailable as e:
@@ -197,9 +197,15 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     t_start = time.time()
     from raybench.models.hub import WeightsUnavailable
+    problems = []
+
+    def check_first(experiment, address):  # before sizing the trials, which takes far longer than this
+        problems.extend(preflight(experiment))
+        if problems and not address and not args.dry_run:
+            raise ExperimentError("\n".join(problems))
     try:
         validate_args(args)
-        plan = make_plan(args)
+        plan = make_plan(args, check=check_first)
     except (ExperimentError, FileNotFoundError, WeightsUnavailable) as e:  # a Swin checkpoint's config unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,10 +213,6 @@ def main(argv=None) -> int:
     driver_problems = tune_problems(plan)  # the driver runs the scheduler and the MLflow logger: no cluster helps
     if driver_problems:
         print("error: " + "\n".join(driver_problems), file=sys.stderr)
-        return 2
-    problems = preflight(plan)
-    if problems and not plan.address and not args.dry_run:
-        print("error: " + "\n".join(problems), file=sys.stderr)
         return 2
     for p in problems:  # on a cluster the workers may have what this machine lacks
         print(f"[grid] warning: {p}", flush=True)

@@ -175,8 +175,10 @@ def cluster_address(args) -> str | None:
 
 # --- the plan ------------------------------------------------------------------------------------------------
 
-def make_plan(args) -> RunPlan:
-    """The run `args` (parsed by raybench.grid's parser) asks for; raises ExperimentError naming what is wrong."""
+def make_plan(args, check=None) -> RunPlan:
+    """The run `args` (parsed by raybench.grid's parser) asks for; raises ExperimentError naming what is wrong.
+    `check(experiment, address)`, when given, runs once the trials are known and before they are sized (sizing
+    builds every model: a minute for the full study), so that missing data is reported first."""
     from raybench.records import git_commit
     results_dir = Path(args.results_dir).expanduser().resolve()
     check_writable(results_dir)
@@ -196,6 +198,8 @@ def make_plan(args) -> RunPlan:
         if (run_dir / "experiment.json").exists():
             raise ExperimentError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
                                   "or another --name")
+        if check:
+            check(exp, address)
         memory_gb = settings["gpu_memory_gb"] or rr.gpu_memory_gb()
         memory = {t.name: rr.trial_memory_bytes(t) if gpus > 0 else 0 for t in exp.trials}
         resources = {t.name: rr.trial_resources(t, gpus, settings["cpus_per_trial"], exp.resources.get(t.name, {}),
@@ -206,6 +210,8 @@ def make_plan(args) -> RunPlan:
         exp = dataclasses.replace(exp, trials=[TrialSpec.from_dict(v["spec"]) for v in saved["trials"].values()])
         resources = {n: v["resources"] for n, v in saved["trials"].items()}
         memory = {n: v.get("memory_bytes", 0) for n, v in saved["trials"].items()}
+        if check:
+            check(exp, address)
     notes = _notes(args, saved, address, gpus, settings)
     local = None if address else LocalRay(math.ceil(gpus), settings["cpus"], not settings["no_dashboard"],
                                           settings["dashboard_host"])
