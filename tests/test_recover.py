@@ -47,7 +47,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once_there_is_room(tmp_path, small_disk):
-    exp = write_experiment(tmp_path / "full.yaml", [SMALL, LARGER], epochs=4, train_size=600)
+    exp = write_experiment(tmp_path / "full.yaml", [SMALL, LARGER], epochs=3, train_size=600)
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", small_disk, "--name", "full",
                  "--no-analysis", "--no-dashboard", timeout=300)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
@@ -67,9 +67,9 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once
                    check=True)
     again = resume_as_printed(errors[0])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    after = every_epoch_once(run_dir, 4)
+    after = every_epoch_once(run_dir, 3)
     same = ["trial", "epoch", "pid", "finished_at"]
-    finished = before.groupby("trial").epoch.max().pipe(lambda m: m[m == 4].index)
+    finished = before.groupby("trial").epoch.max().pipe(lambda m: m[m == 3].index)
     for name in finished:  # a trial that had finished is not trained again
         assert after[after.trial == name][same].values.tolist() == before[before.trial == name][same].values.tolist()
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
