@@ -67,8 +67,9 @@ def tune_records(tune_dir: Path | None) -> pd.DataFrame:
     rows = []
     # result.json.<time>: a trial's records from before a restart from raybench's records (resume_entries),
     # read before the current result.json so that its records win
-    files = sorted(tune_dir.glob("*/result.json*"), key=lambda p: (p.parent.name, p.name == "result.json", p.name))
-    for path in files if tune_dir and tune_dir.is_dir() else []:
+    files = sorted(tune_dir.glob("*/result.json*"), key=lambda p: (p.parent.name, p.name == "result.json", p.name)
+                   ) if tune_dir and tune_dir.is_dir() else []
+    for path in files:
         for line in path.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)

@@ -89,6 +89,7 @@ class DiskFullLog(logging.Filter):
 
 
 def watch_ray_logs_for_a_full_disk() -> None:
+    _disk_full.clear()  # a run before, in this process, is no concern of this one
     log = logging.getLogger("ray")
     for handler in [*log.handlers, *logging.getLogger().handlers]:
         if not any(isinstance(f, DiskFullLog) for f in handler.filters):

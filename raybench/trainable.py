@@ -60,7 +60,7 @@ class StudyTrial(tune.Trainable):
     def setup(self, config: dict):
         self._start(config)
         if config["trial"].get("resume_dir"):  # a run restarted from raybench's records (raybench.recover)
-            self._resume_newest(config["trial"]["resume_dir"], None, "Tune's state of the run was unreadable")
+            self._resume_newest(config["trial"]["resume_dir"], None, "its run went on without Tune's state")
 
     def reset_config(self, new_config: dict) -> bool:
         """The next trial in this process: nothing of the last one (model, data, optimiser, compiled graphs,
