@@ -145,7 +145,7 @@ def check_results(run_dir: Path, tune_dir: Path | None) -> tuple[list[str], set[
         aside = set_aside(epochs_path)
         ep = tune_records(tune_dir)
         if len(ep):
-            _write(ep, epochs_path)
+            write_atomic(ep, epochs_path)
         notes.append(f"{epochs_path.name} could not be read ({bad_epochs}); set aside as {aside.name}; recovered "
                      f"{len(ep)} epoch row(s) of {ep.trial.nunique()} trial(s) from Tune's result files"
                      + ("" if tune_dir else " (none: a remote --storage-path is not searched)"))
@@ -178,8 +178,9 @@ def check_results(run_dir: Path, tune_dir: Path | None) -> tuple[list[str], set[
     return notes, redo
 
 
-def _write(df: pd.DataFrame, path: Path) -> None:
-    """Whole or not at all, as raybench.results.write_atomic."""
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Readers (the notebook, a second shell) see the old file or the new one, never half of one; a full disk
+    raises DiskFull naming the file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         df.to_parquet(tmp, index=False)

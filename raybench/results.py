@@ -17,7 +17,7 @@ import pandas as pd
 from ray import tune
 
 from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
-from raybench.recover import DiskFull
+from raybench.recover import DiskFull, write_atomic
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
                               versions)
 
@@ -54,20 +54,6 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
             "total_time_s": math.nan, **ver, "git_commit": commit})
     return rows
-
-
-def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Readers (the notebook, a second shell) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC or "No space left on device" in str(e):
-            raise DiskFull(path) from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Where Tune failed to write for want of space (its experiment-state sync only logs the error, once a second):
