@@ -307,10 +307,10 @@ def _disk_full(plan: RunPlan, e: BaseException) -> int:
     """One line for a full disk: where, how much room the run needs, and the command that continues it."""
     import pandas as pd
     from raybench import recover
-    from raybench.records import UNFINISHED
+    from raybench.records import ERROR, UNFINISHED
     try:
         t = pd.read_parquet(plan.run_dir / "trials.parquet")
-        unfinished = int(t.status.isin((*UNFINISHED, "error")).sum())
+        unfinished = int(t.status.isin((*UNFINISHED, ERROR)).sum())
     except Exception:  # unreadable now: --resume rebuilds it
         unfinished = len(plan.experiment.trials)
     print("error: " + recover.disk_full_message(recover.disk_full_path(e) or "", plan.run_dir,

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from raybench.records import EPOCH_COLUMNS, FAILED, OK, STOPPED_EARLY
+from raybench.records import EPOCH_COLUMNS, ERROR, FAILED, OK, STOPPED_EARLY
 
 RESULT_FILES = ("epochs.parquet", "trials.parquet")
 STATE_FILE = "state.pt"  # a checkpoint's one file (raybench.trainable.StudyTrial.save_checkpoint)
 # A trial that ended this way is not trained again when a run restarts from raybench's own records.
-ENDED = (OK, STOPPED_EARLY, *[s for s in FAILED if s != "error"])
+ENDED = (OK, STOPPED_EARLY, *[s for s in FAILED if s != ERROR])
 
 
 class DiskFull(OSError):
