@@ -154,6 +154,21 @@ def _precisions(where: str, p) -> list[str]:
     return values
 
 
+def _epochs(where: str, value) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ExperimentError(f"{where}: epochs={value!r}: must be a whole number >= 1")
+    return value
+
+
+def _recipe_owner(path, where: str, name: str, model: ModelConfig, top_recipe: dict, epochs) -> str:
+    """Where a recipe's mistake was written: the file's top-level `recipe` when that alone fails, else the entry."""
+    try:
+        _recipe(where, name, model, top_recipe, epochs)
+    except (ConfigError, ExperimentError):
+        return f"{path}: top-level recipe"
+    return where
+
+
 def _recipe(where: str, name: str, model: ModelConfig, overrides: dict, epochs: int | None) -> Recipe:
     r = default_recipe(name, model)
     known = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
@@ -212,7 +227,7 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, p
     seed_list = seeds if seeds is not None else doc.get("seeds", [0])
     if not isinstance(seed_list, list) or not all(isinstance(s, int) for s in seed_list) or not seed_list:
         raise ExperimentError(f"{path}: seeds={seed_list!r} must be a non-empty list of integers")
-    top_epochs = epochs if epochs is not None else doc.get("epochs")
+    top_epochs = epochs if epochs is not None else _epochs(f"{path}: top level", doc.get("epochs"))
     top_recipe = doc.get("recipe") or {}
     if not isinstance(top_recipe, dict):
         raise ExperimentError(f"{path}: recipe={top_recipe!r} must be a mapping of recipe fields, e.g. {{lr: 0.001}}")
@@ -239,7 +254,7 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, p
         entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}
         if not isinstance(entry_recipe, dict):
             raise ExperimentError(f"{where}: recipe={entry_recipe!r} must be a mapping of recipe fields")
-        entry_epochs = entry.get("epochs") if isinstance(entry, dict) else None
+        entry_epochs = _epochs(where, entry.get("epochs")) if isinstance(entry, dict) else None
         entry_res = _resources(where, entry.get("resources") if isinstance(entry, dict) else None)
         entry_precision = (_precisions(where, entry["precision"]) if isinstance(entry, dict) and "precision" in entry
                            else top_precision)
@@ -252,7 +267,7 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, p
                 try:
                     recipe = _recipe(where, rname, model, {**top_recipe, **entry_recipe}, ep)
                 except ConfigError as e:
-                    raise ExperimentError(f"{where}: {e}") from None
+                    raise ExperimentError(f"{_recipe_owner(path, where, rname, model, top_recipe, ep)}: {e}") from None
                 for seed, prec in itertools.product(seed_list, [precision] if precision else entry_precision):
                     spec = TrialSpec(model, recipe, data_spec, seed, multi_seed=len(seed_list) > 1, precision=prec)
                     if any(t.name == spec.name for t in trials):

@@ -93,16 +93,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args) -> None:
-    checks = [("--gpus", args.gpus, lambda v: v >= 0), ("--cpus", args.cpus, lambda v: v >= 1),
-              ("--pending-timeout", args.pending_timeout, lambda v: v > 0),
-              ("--cpus-per-trial", args.cpus_per_trial, lambda v: v > 0),
-              ("--gpu-memory-gb", args.gpu_memory_gb, lambda v: v > 0), ("--epochs", args.epochs, lambda v: v >= 1),
-              ("--max-failures", args.max_failures, lambda v: v >= 0),
-              ("--asha-grace-epochs", args.asha_grace_epochs, lambda v: v >= 1),
-              ("--train-size", args.train_size, lambda v: v >= 1), ("--test-size", args.test_size, lambda v: v >= 1)]
-    for flag, value, ok in checks:
-        if value is not None and not ok(value):
-            raise ExperimentError(f"{flag}={value}: out of range")
+    # (flag, value, lower bound, whether the bound itself is accepted)
+    checks = [("--gpus", args.gpus, 0, True), ("--cpus", args.cpus, 1, True),
+              ("--pending-timeout", args.pending_timeout, 0, False),
+              ("--cpus-per-trial", args.cpus_per_trial, 0, False),
+              ("--gpu-memory-gb", args.gpu_memory_gb, 0, False), ("--epochs", args.epochs, 1, True),
+              ("--max-failures", args.max_failures, 0, True), ("--asha-grace-epochs", args.asha_grace_epochs, 1, True),
+              ("--train-size", args.train_size, 1, True), ("--test-size", args.test_size, 1, True)]
+    for flag, value, low, inclusive in checks:
+        if value is not None and not (value >= low if inclusive else value > low):
+            raise ExperimentError(f"{flag}={value:g}: must be {'>=' if inclusive else '>'} {low}")
     if args.gpus is not None and args.gpus != int(args.gpus):
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             raise ExperimentError(f"--gpus={args.gpus:g}: a local Ray gets whole GPUs (trials share them by their "
@@ -144,17 +144,17 @@ def _pending_timeout_callback():
     return PendingTimeout
 
 
-def preflight(plan: RunPlan) -> list[str]:
+def preflight(experiment) -> list[str]:
     """What would make trials fail at start (data or pretrained weights that cannot be had), found now."""
     from raybench.data import DatasetUnavailable, check_available
     from raybench.models import WeightsUnavailable, check_weights
     problems = []
-    for data in dict.fromkeys(t.data for t in plan.experiment.trials):
+    for data in dict.fromkeys(t.data for t in experiment.trials):
         try:
             check_available(data)
         except DatasetUnavailable as e:
             problems.append(str(e))
-    for model in dict.fromkeys(t.model for t in plan.experiment.trials):
+    for model in dict.fromkeys(t.model for t in experiment.trials):
         try:
             check_weights(model)
         except WeightsUnavailable as e:
@@ -197,9 +197,15 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     t_start = time.time()
     from raybench.models.hub import WeightsUnavailable
+    problems = []
+
+    def check_first(experiment, address):  # before sizing the trials, which takes far longer than this
+        problems.extend(preflight(experiment))
+        if problems and not address and not args.dry_run:
+            raise ExperimentError("\n".join(problems))
     try:
         validate_args(args)
-        plan = make_plan(args)
+        plan = make_plan(args, check=check_first)
     except (ExperimentError, FileNotFoundError, WeightsUnavailable) as e:  # a Swin checkpoint's config unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,10 +213,6 @@ def main(argv=None) -> int:
     driver_problems = tune_problems(plan)  # the driver runs the scheduler and the MLflow logger: no cluster helps
     if driver_problems:
         print("error: " + "\n".join(driver_problems), file=sys.stderr)
-        return 2
-    problems = preflight(plan)
-    if problems and not plan.address and not args.dry_run:
-        print("error: " + "\n".join(problems), file=sys.stderr)
         return 2
     for p in problems:  # on a cluster the workers may have what this machine lacks
         print(f"[grid] warning: {p}", flush=True)
@@ -242,6 +244,15 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
 
 def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> int:
     from raybench.session import ClusterUnavailable, check_placement, connect  # imports Ray when it starts it
+    from raybench import recover
+    notes, redo = [], set()
+    if plan.resume:  # a damaged results file is found now, not after an epoch was trained and lost
+        try:
+            notes, redo = recover.check_results(plan.run_dir, recover.local_dir(plan.tune_path))
+        except OSError as e:
+            return _disk_full(plan, e) if recover.disk_full_path(e) is not None else _fail(e)
+        for note in notes:
+            print(f"[grid] recovered: {note}", flush=True)
     marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
         ctx = connect(plan)
@@ -268,12 +279,16 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     cwd = os.getcwd()
     os.chdir(plan.run_dir)
     try:
-        writer = _fit(plan, ctx, timeout)
+        writer = _fit(plan, ctx, timeout, recount=bool(notes), redo=redo)
         marks["fit_done"] = time.time()
     except KeyboardInterrupt:
         print(f"[grid] interrupted: finished epochs are in {plan.run_dir}; continue with: {plan.resume_command()}",
               file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk anywhere Tune or raybench writes ends fit() with it inside a TuneError
+        if recover.disk_full_path(e) is None:
+            raise
+        return _disk_full(plan, e)
     finally:
         import ray
         ray.shutdown()
@@ -283,15 +298,39 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     return _report(plan, writer, analysis, t_start, marks)
 
 
-def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
+def _fail(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _disk_full(plan: RunPlan, e: BaseException) -> int:
+    """One line for a full disk: where, how much room the run needs, and the command that continues it."""
+    import pandas as pd
+    from raybench import recover
+    from raybench.records import ERROR, UNFINISHED
+    try:
+        t = pd.read_parquet(plan.run_dir / "trials.parquet")
+        unfinished = int(t.status.isin((*UNFINISHED, ERROR)).sum())
+    except Exception:  # unreadable now: --resume rebuilds it
+        unfinished = len(plan.experiment.trials)
+    print("error: " + recover.disk_full_message(recover.disk_full_path(e) or "", plan.run_dir,
+                                                recover.local_dir(plan.tune_path), unfinished,
+                                                plan.resume_command()), file=sys.stderr)
+    return 2
+
+
+def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = False, redo: set = frozenset()):
     from ray import tune
+    from raybench import recover
     from raybench.plan import write_run_record
     from raybench.resources import max_concurrent
-    from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows
+    from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows, watch_ray_logs_for_a_full_disk
     from raybench.trainable import StudyTrial
     if not plan.resume:
         write_run_record(plan)
-    writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit))
+    writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit),
+                           recount=recount)
+    watch_ray_logs_for_a_full_disk()
     os.environ[RUN_DIR_ENV] = str(plan.run_dir)  # for the restored writer of a resumed run (see raybench.results)
     dash = getattr(ctx, "dashboard_url", None)
     if dash:
@@ -304,16 +343,31 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
         print(f"[grid] MLflow: {plan.mlflow_uri} (experiment {plan.run_dir.name}); browse it with: "
               f"mlflow ui --backend-store-uri {plan.mlflow_uri}", flush=True)
     trainable = tune.with_resources(StudyTrial, lambda config: config["trial"]["resources"])
-    if plan.resume and tune.Tuner.can_restore(plan.tune_path):
+    tune_dir = recover.local_dir(plan.tune_path)
+    problem = recover.tune_state_problem(tune_dir) if plan.resume else None
+    if problem or redo:  # redo: Tune would not run a trial it holds finished again
+        aside = recover.set_aside_tune_state(tune_dir, "damaged" if problem else "set-aside")
+        why = (f"Tune's state of the run cannot be read ({problem})" if problem else
+               f"{', '.join(sorted(redo))} must redo lost epochs, which Tune's state would not allow")
+        print(f"[grid] recovered: {why}; set aside {', '.join(p.name for p in aside)}; the run goes on from "
+              "raybench's own records", flush=True)
+        problem = problem or why
+    entries = plan.param_entries()
+    if plan.resume and not problem and tune.Tuner.can_restore(plan.tune_path):
         print(f"[grid] resuming {plan.tune_path}", flush=True)
         # Tune restores the callbacks it pickled at the start: the run keeps its pending timeout
         tuner = tune.Tuner.restore(plan.tune_path, trainable=trainable, resume_errored=True)
     else:
-        if plan.resume:  # stopped before Tune's first snapshot: the Parquet rows stay, trials start over
-            print(f"[grid] no Tune state to restore at {plan.tune_path}; starting the trials again", flush=True)
+        if plan.resume:  # no Tune state (stopped before its first snapshot, or unreadable): from our own records
+            entries = recover.resume_entries(plan.run_dir, tune_dir, entries, redo)
+            if not problem:
+                print(f"[grid] no Tune state to restore at {plan.tune_path}; the run goes on from raybench's "
+                      "own records", flush=True)
+            if not entries:
+                return writer
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(plan.param_entries())},
+            param_space={"trial": tune.grid_search(entries)},
             tune_config=tune.TuneConfig(
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],

@@ -179,8 +179,10 @@ def cluster_address(args) -> str | None:
 
 # --- the plan ------------------------------------------------------------------------------------------------
 
-def make_plan(args) -> RunPlan:
-    """The run `args` (parsed by raybench.grid's parser) asks for; raises ExperimentError naming what is wrong."""
+def make_plan(args, check=None) -> RunPlan:
+    """The run `args` (parsed by raybench.grid's parser) asks for; raises ExperimentError naming what is wrong.
+    `check(experiment, address)`, when given, runs once the trials are known and before they are sized (sizing
+    builds every model: a minute for the full study), so that missing data is reported first."""
     from raybench.records import git_commit
     results_dir = Path(args.results_dir).expanduser().resolve()
     check_writable(results_dir)
@@ -200,6 +202,8 @@ def make_plan(args) -> RunPlan:
         if (run_dir / "experiment.json").exists():
             raise ExperimentError(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
                                   "or another --name")
+        if check:
+            check(exp, address)
         memory_gb = settings["gpu_memory_gb"] or rr.gpu_memory_gb()
         memory = {t.name: rr.trial_memory_bytes(t) if gpus > 0 else 0 for t in exp.trials}
         resources = {t.name: rr.trial_resources(t, gpus, settings["cpus_per_trial"], exp.resources.get(t.name, {}),
@@ -210,20 +214,36 @@ def make_plan(args) -> RunPlan:
         exp = dataclasses.replace(exp, trials=[TrialSpec.from_dict(v["spec"]) for v in saved["trials"].values()])
         resources = {n: v["resources"] for n, v in saved["trials"].items()}
         memory = {n: v.get("memory_bytes", 0) for n, v in saved["trials"].items()}
+        if check:
+            check(exp, address)
     notes = _notes(args, saved, address, gpus, settings)
     local = None if address else LocalRay(math.ceil(gpus), settings["cpus"], not settings["no_dashboard"],
                                           settings["dashboard_host"])
     if local:
-        msg = rr.unfit(resources, [{"CPU": local.cpus or os.cpu_count(), "GPU": local.gpus}])
+        node = {"CPU": local.cpus or os.cpu_count(), "GPU": local.gpus}
+        msg = rr.unfit(resources, [node])
         if msg:
-            raise ExperimentError(f"{msg}: use --gpus 0 to train on CPU, or give the local Ray more with "
-                                  "--gpus / --cpus (or lower the experiment's resources)")
+            raise ExperimentError(f"{msg}: {_unfit_hint(resources, node)}")
     timeout = settings["pending_timeout"]
     return RunPlan(exp, resources, memory, run_dir, settings["storage_path"], address, local, settings,
                    resume=saved is not None, gpu_cap=settings["gpus"] if address else None,
                    max_failures=settings["max_failures"], pending_timeout_s=None if timeout is None else 60 * timeout,
                    given=tuple(k for k in settings if getattr(args, k, None) is not None),
                    git_commit=git_commit(), notes=notes)
+
+
+def _unfit_hint(resources: dict, node: dict) -> str:
+    """What to change so that every trial fits the local Ray: the resource the trials ask too much of."""
+    hints = []
+    cpus = max(r["cpu"] for r in resources.values())
+    if cpus > node["CPU"] + 1e-9:
+        hints.append(f"lower --cpus-per-trial (or the experiment's resources.cpu) to at most {node['CPU']:g}"
+                     + (f", or start the local Ray with --cpus {math.ceil(cpus)}" if cpus <= (os.cpu_count() or 1)
+                        else f" (this machine has {os.cpu_count()} CPUs)"))
+    if max(r["gpu"] for r in resources.values()) > node["GPU"] + 1e-9:
+        hints.append("use --gpus 0 to train on CPU, or give the local Ray more GPUs with --gpus (or lower the "
+                     "experiment's resources.gpu)")
+    return "; ".join(hints)
 
 
 def _experiment_name(args) -> str:

@@ -7,16 +7,19 @@ replaces the row instead of adding one. See docs/results.md for the columns.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import traceback
 from pathlib import Path
 
 import pandas as pd
 from ray import tune
 
 from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
+from raybench.recover import DiskFull, write_atomic
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
-                              versions, write_parquet)
+                              versions)
 
 # What a run ends with when nothing failed: every trial finished, or stopped by the scheduler (ASHA).
 ENDED_WELL = (OK, STOPPED_EARLY)
@@ -53,14 +56,30 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
     return rows
 
 
-def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Readers (the notebook, a second shell) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write_parquet(df, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+# Where Tune failed to write for want of space (its experiment-state sync only logs the error, once a second):
+# filled by DiskFullLog, read by ResultsWriter, which then stops the run.
+_disk_full: list[str] = []
+
+
+class DiskFullLog(logging.Filter):
+    """On the handlers of Ray's loggers: a record saying the disk is full is noted (the run stops at the next
+    step) and not printed, since raybench says it once, with what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (record.exc_text or "") + (
+            "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
+        if "No space left on device" in text or "[Errno 28]" in text:
+            _disk_full.append(text)
+            return False
+        return True
+
+
+def watch_ray_logs_for_a_full_disk() -> None:
+    _disk_full.clear()  # a run before, in this process, is no concern of this one
+    log = logging.getLogger("ray")
+    for handler in [*log.handlers, *logging.getLogger().handlers]:
+        if not any(isinstance(f, DiskFullLog) for f in handler.filters):
+            handler.addFilter(DiskFullLog())
 
 
 # Set by the driver (raybench.grid) to the run folder it found. Tune restores this callback as it was pickled
@@ -69,13 +88,20 @@ RUN_DIR_ENV = "RAYBENCH_GRID_RUN_DIR"
 
 
 class ResultsWriter(tune.Callback):
-    def __init__(self, run_dir: Path, initial_rows: list[dict]):
+    def __init__(self, run_dir: Path, initial_rows: list[dict], recount: bool = False):
+        """`recount`: the epoch rows were rebuilt (raybench.recover), so every trial's summary is recomputed."""
         self._use(Path(run_dir))
         new = pd.DataFrame(initial_rows)
+        rebuild = not self.trials_path.exists() and self.epochs_path.exists()
         if self.trials_path.exists():  # a resumed run keeps what it learnt about its trials
             old = pd.read_parquet(self.trials_path)
             new = pd.concat([old, new[~new.trial.isin(old.trial)]], ignore_index=True)
         write_atomic(new, self.trials_path)
+        if rebuild or recount:  # a file was set aside (raybench.recover): each trial's row from its epoch rows
+            ep = self._epochs()
+            for name, mine in ep.sort_values("epoch").groupby("trial"):
+                if name in set(new.trial):
+                    self._update_trial(name, ep, **({"status": mine.status.iloc[-1]} if rebuild else {}))
 
     def _use(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -107,6 +133,17 @@ class ResultsWriter(tune.Callback):
         write_atomic(trials, self.trials_path)
 
     # --- Tune events ---
+    def on_step_end(self, iteration, trials, **info):
+        if _disk_full:  # Tune could not write its state: stop while the Parquet files are whole
+            raise DiskFull(trials[0].path if trials and getattr(trials[0], "path", None) else self.run_dir)
+
+    def _check_disk(self, trial) -> None:
+        """A trial that failed for want of disk space is not retried: every retry would fail the same way."""
+        if trial.error_file and Path(trial.error_file).exists():
+            last = Path(trial.error_file).read_text(errors="replace").rsplit("Failure # ", 1)[-1]
+            if "No space left on device" in last or "[Errno 28]" in last:
+                raise DiskFull(getattr(trial, "path", None) or self.run_dir)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         name = trial.config["trial"]["name"]
         ep = None
@@ -121,12 +158,15 @@ class ResultsWriter(tune.Callback):
                   f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
                   f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
                                             == "synthetic" else ")"), flush=True)
+        if result.get("note"):  # what the trial did on its own (raybench.trainable: a checkpoint that did not load)
+            print(f"[grid] {name}: {result['note']}", flush=True)
         status = result.get("status", RUNNING)
         self._update_trial(name, ep, status=status, error=result.get("error", ""))
         if status not in (OK, RUNNING):
             print(f"[grid] {name}: {status.upper()}: {result.get('error', '')}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._check_disk(trial)
         name = trial.config["trial"]["name"]
         err = ""
         if trial.error_file and Path(trial.error_file).exists():
@@ -145,6 +185,7 @@ class ResultsWriter(tune.Callback):
                   flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        self._check_disk(trial)
         name = trial.config["trial"]["name"]
         share = float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
         t = pd.read_parquet(self.trials_path)

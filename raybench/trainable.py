@@ -56,6 +56,8 @@ class StudyTrial(tune.Trainable):
 
     def setup(self, config: dict):
         self._start(config)
+        if config["trial"].get("resume_dir"):  # a run restarted from raybench's records (raybench.recover)
+            self._resume_newest(config["trial"]["resume_dir"], None, "its run went on without Tune's state")
 
     def reset_config(self, new_config: dict) -> bool:
         """The next trial in this process: nothing of the last one (model, data, optimiser, compiled graphs,
@@ -110,6 +112,8 @@ class StudyTrial(tune.Trainable):
                                    f"{self.share:g} ({rec.get('error', '')}); re-queued with {next_share(self.share):g}")
         rec.update(node_id=self.node_id, gpu_ids=",".join(map(str, ray.get_gpu_ids())), gpu_share=self.share,
                    done=rec["status"] != RUNNING)
+        if getattr(self, "note", ""):
+            rec["note"], self.note = self.note, ""
         return rec
 
     def save_checkpoint(self, checkpoint_dir: str):
@@ -117,6 +121,48 @@ class StudyTrial(tune.Trainable):
 
     def load_checkpoint(self, checkpoint_dir: str):
         self.trial.load(Path(checkpoint_dir) / "state.pt")
+
+    def restore(self, checkpoint_path):
+        """Tune's restore; a checkpoint that is gone or does not load is not the end of the trial: it goes on
+        from the newest checkpoint in its folder that loads, else from epoch 1 (redone epochs replace their rows,
+        which are keyed on (trial, epoch))."""
+        try:
+            return super().restore(checkpoint_path)
+        except Exception as e:
+            ckpt = getattr(checkpoint_path, "checkpoint", checkpoint_path)
+            path = getattr(ckpt, "path", str(ckpt))
+            fs = getattr(ckpt, "filesystem", None)
+            self._resume_newest(os.path.dirname(path.rstrip("/")), fs,
+                                f"its checkpoint {path} could not be restored ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})")
+
+    def _resume_newest(self, trial_dir: str, fs, why: str) -> None:
+        import pyarrow.fs as pafs
+        fs = fs or pafs.LocalFileSystem()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+        except OSError:
+            infos = []
+        best, best_path = None, None
+        for info in infos:
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+                continue
+            try:
+                with tune.Checkpoint(info.path, filesystem=fs).as_directory() as d:
+                    state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            except Exception:  # gone or cut short too
+                continue
+            if best is None or int(state["epoch"]) > int(best["epoch"]):
+                best, best_path = state, info.path
+        if best is not None:
+            self.trial.load_state_dict(best)
+            how = f"goes on from the checkpoint of epoch {self.trial.epoch} ({best_path})"
+        else:  # nothing loads: a fresh start, with nothing of a half-applied load left
+            self.trial = self._build(self.config["trial"])
+            how = "starts again from epoch 1 (no checkpoint of it loads)"
+        self.records = None
+        self._iteration = self.trial.epoch  # Tune's iteration count is the epoch (ASHA's rungs read it)
+        self.note = f"{why}; it {how}"  # told with the next record (the driver prints no worker output)
 
     def __repr__(self):
         return self.trial_name or "raybench-trial"

@@ -274,7 +274,10 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     ({"models": [{"family": "vit", "patch": 5}]}, r"models\[0\].*patch=5"),
     ({"models": [{"name": "resnet18-cifar", "resouces": {"gpu": 1}}]}, r"models\[0\].*resouces"),
     ({"modles": ["resnet18-cifar"]}, r"modles"),
-    ({"models": ["resnet18-cifar"], "recipe": {"lr": -1}}, r"lr=-1"),
+    ({"models": ["resnet18-cifar"], "recipe": {"lr": -1}}, r"bad.yaml: top-level recipe: Recipe.lr=-1"),
+    ({"models": ["resnet18-cifar"], "epochs": -3}, r"bad.yaml: top level: epochs=-3: must be a whole number >= 1"),
+    ({"models": [{"name": "resnet18-cifar", "epochs": 0}]},
+     r"models\[0\] \(resnet18-cifar\): epochs=0: must be a whole number >= 1"),
     ({"models": ["resnet18-cifar"], "num_classes": "ten"}, r"num_classes='ten'"),
     ({"models": ["resnet18-cifar"], "dataset": 5}, r"dataset=5"),
     ({"models": [{"grid": [1, 2]}]}, r"models\[0\].*grid=\[1, 2\]"),
@@ -288,6 +291,8 @@ def test_invalid_experiment_files_are_refused_before_ray_starts(tmp_path, capsys
     assert rc == 2 and str(path) in err and re.search(message, err), err
     assert "Traceback" not in err and not (tmp_path / "res").exists()
     assert time.time() - t0 < 30
+    if "models" not in message:  # a mistake outside the models list is not blamed on one of them
+        assert "models[" not in err, err
 
 
 def test_refusals_reach_the_shell_as_exit_status_2_and_one_error_line(tmp_path):
@@ -301,9 +306,16 @@ def test_refusals_reach_the_shell_as_exit_status_2_and_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--gpus", "-1"], "--gpus=-1"),
+    (["--gpus", "-1"], "--gpus=-1: must be >= 0"),
+    (["--epochs", "0"], "--epochs=0: must be >= 1"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial=0: must be > 0"),
+    (["--max-failures", "-1"], "--max-failures=-1: must be >= 0"),
+    (["--gpu-memory-gb", "0"], "--gpu-memory-gb=0: must be > 0"),
     (["--gpus", "0.5"], "--gpus=0.5: a local Ray gets whole GPUs"),
     (["--cpus", "1", "--cpus-per-trial", "2", "--gpus", "0"], "asks for 2 CPU and 0 GPU, but the nodes offer 1 CPU"),
+    # a trial that asks no GPU is not told to use --gpus 0 (test_the_cpu_hint_names_what_the_trial_asks_for)
+    (["--cpus", "1", "--cpus-per-trial", "2", "--gpus", "0"], "lower --cpus-per-trial (or the experiment's "
+                                                              "resources.cpu) to at most 1"),
     (["--experiment", "nope"], "built-in: full, seed, seed-custom, smoke"),
     (["--only", "zzz"], "--only='zzz' matches no trial"),
     (["--seeds", "two"], "--seeds='two'"),
@@ -313,13 +325,34 @@ def test_refusals_reach_the_shell_as_exit_status_2_and_one_error_line(tmp_path):
     (["--experiment", "seed", "--data-dir", "/nonexistent/cifar"], "CIFAR-100 is not in /nonexistent/cifar"),
     (["--experiment", "seed", "--dataset", "synthetic"], "swin-tiny-ft: Swin weights"),
     (["--scheduler", "hyperband"], "invalid choice: 'hyperband'"),
-    (["--scheduler", "asha", "--asha-grace-epochs", "0"], "--asha-grace-epochs=0: out of range"),
+    (["--scheduler", "asha", "--asha-grace-epochs", "0"], "--asha-grace-epochs=0: must be >= 1"),
     (["--scheduler", "asha", "--asha-grace-epochs", "2"],
      "--asha-grace-epochs=2: must be below the longest trial's epochs (2)"),
 ])
 def test_invalid_cli_values_are_refused_before_ray_starts(tmp_path, capsys, args, message):
     rc, err = grid_main(capsys, *args, "--results-dir", tmp_path / "res")
     assert rc == 2 and message in err, err
+    assert not (tmp_path / "res").exists()
+
+
+def test_the_cpu_hint_names_what_the_trial_asks_for(tmp_path, capsys):
+    """--cpus-per-trial 100 on a machine without CUDA: the trial asks for no GPU, so the hint is about CPUs."""
+    rc, err = grid_main(capsys, "--cpus-per-trial", "100", "--results-dir", tmp_path / "res")
+    assert rc == 2 and "asks for 100 CPU and 0 GPU" in err and "--gpus 0" not in err, err
+    assert f"lower --cpus-per-trial (or the experiment's resources.cpu) to at most {os.cpu_count()}" in err
+
+
+def test_missing_data_is_reported_before_the_trials_are_sized(tmp_path, capsys, monkeypatch):
+    """The README's full study without CIFAR-100 on disk: sizing its 76 trials' GPU shares builds every model
+    (a minute and more), so the data is checked first and sizing never starts."""
+    import raybench.plan
+
+    def sized(*a, **kw):
+        raise AssertionError("a trial was sized before the data was checked")
+    monkeypatch.setattr(raybench.plan.rr, "trial_memory_bytes", sized)
+    rc, err = grid_main(capsys, "--experiment", "full", "--gpus", "4", "--data-dir", tmp_path / "data",
+                        "--results-dir", tmp_path / "res")
+    assert rc == 2 and f"CIFAR-100 is not in {tmp_path / 'data'}" in err and "Traceback" not in err, err
     assert not (tmp_path / "res").exists()
 
 

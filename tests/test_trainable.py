@@ -65,3 +65,37 @@ def test_a_reused_actor_gives_the_same_epoch_records_as_a_fresh_one(local_ray):
     assert [r["epoch"] for r in second_run] == [1, 2] and second_run[-1]["status"] == "ok"
     assert first_run[0]["train_loss"] != second_run[0]["train_loss"]  # two different trials were compared
     # the second trial trained on the dataset the first one loaded, unchanged by the first one's training
+
+
+def test_a_trial_whose_checkpoint_is_gone_or_cut_goes_on_from_the_newest_one_that_loads(tmp_path, local_ray):
+    """Tune restores a trial from the checkpoint it holds as the newest. When that one is cut short (a full
+    disk) the trial goes on from the newest one in its folder that loads, and trains the next epoch exactly as
+    it did the first time; when none is left (a folder deleted by hand) it starts again from epoch 1, saying
+    so with its next record (the grid prints it)."""
+    import shutil
+    from raybench.trainable import StudyTrial
+    spec = load_experiment("smoke", epochs=3, train_size=64, test_size=32).trials[0]
+    config = {"trial": {"name": spec.name, "spec": spec.to_dict(), "resources": {"cpu": 1, "gpu": 0},
+                        "memory_bytes": 0}}
+    first, saved, records = StudyTrial(config=config), [], []
+    for i in range(2):
+        records.append(first.step())
+        saved.append(tmp_path / f"checkpoint_00000{i}")
+        saved[-1].mkdir()
+        first.save_checkpoint(str(saved[-1]))
+    state = saved[1] / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    restored = StudyTrial(config=config)
+    restored.restore(str(saved[1]))
+    rec = restored.step()
+    assert rec["epoch"] == 2 and rec["train_loss"] == records[1]["train_loss"]
+    assert "could not be restored" in rec["note"] and "goes on from the checkpoint of epoch 1" in rec["note"]
+    assert "note" not in restored.step()  # said once
+
+    shutil.rmtree(saved[0])
+    again = StudyTrial(config=config)
+    again.restore(str(saved[0]))
+    rec = again.step()
+    assert rec["epoch"] == 1 and rec["train_loss"] == records[0]["train_loss"]
+    assert "does not exist" in rec["note"] and "starts again from epoch 1" in rec["note"]
