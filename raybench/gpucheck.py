@@ -14,7 +14,7 @@ error, and the rest still run:
 - `study`: one epoch of every trial of the `seed` experiment alone on the GPU (synthetic data of CIFAR-100's
   size, random weights where pretrained ones would need a download): epoch time, images/s, measured peak memory
   against the estimate the grid sizes GPU shares with, and the GPU's busy fraction (NVML, else nvidia-smi)
-  during the training steps: the figures FULL_GPU_STEP_FLOPS (raybench/resources.py) is to be calibrated from;
+  during the training steps: the figures FULL_GPU_STEP_FLOPS (raybench/sizing.py) is to be calibrated from;
 - `grid`: `python -m raybench.grid --experiment smoke --gpus 1`: trials packed by their fractions, on CUDA.
 
 It writes report.md and report.json (and each part's log under logs/) into `--out` and prints the report's path
@@ -140,7 +140,7 @@ def precision_of(rec: dict, device: str) -> str:
 
 def memory_estimate(spec) -> int:
     """The GPU memory estimate the grid sizes shares with (the one import of it here: it may move modules)."""
-    from raybench.resources import trial_memory_bytes
+    from raybench.sizing import trial_memory_bytes
     return trial_memory_bytes(spec)
 
 
@@ -407,7 +407,7 @@ def busy_fraction(samples: list[tuple[float, float]], start: float, end: float) 
 
 def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: str, reserved_mb: float) -> dict:
     from raybench.records import ERROR
-    from raybench.resources import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
+    from raybench.sizing import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
     from raybench.train import CACHE_ON
     est_mb = memory_estimate(spec) / 2**20
     row = {"trial": trial_name, "model": spec.model.name, "family": spec.model.family,

@@ -18,7 +18,7 @@ import time
 
 from raybench.experiments import ExperimentError, builtin_experiments
 from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
-from raybench.resources import DEFAULT_GPU_MEMORY_GB
+from raybench.sizing import DEFAULT_GPU_MEMORY_GB
 
 
 SCHEDULERS = ("fifo", "asha")
@@ -286,7 +286,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
 def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
     from ray import tune
     from raybench.plan import write_run_record
-    from raybench.resources import max_concurrent
+    from raybench.sizing import max_concurrent
     from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows
     from raybench.trainable import StudyTrial
     if not plan.resume:

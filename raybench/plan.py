@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raybench.configs import TrialSpec
 from raybench.experiments import Experiment, ExperimentError, load_experiment
-from raybench import resources as rr
+from raybench import sizing as rr
 
 # The settings a run keeps across --resume. Each is a grid flag whose parser default is None, so a flag given
 # again on the command line can be told from one left out.

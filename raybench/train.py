@@ -151,7 +151,7 @@ class Trial:
 
     # --- the steps of __init__, in the order they run ---
     def _load_data(self, spec: TrialSpec, dataset: Dataset | None) -> None:
-        from raybench.resources import input_side  # an image folder loads at the model's own input side
+        from raybench.sizing import input_side  # an image folder loads at the model's own input side
         data = dataset or load_dataset(spec.data, spec.model.num_classes, input_side(spec))
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))

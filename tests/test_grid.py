@@ -147,7 +147,7 @@ def test_gpu_fraction_follows_compute_and_memory():
     from raybench.complexity import activation_bytes_per_image
     import dataclasses
     from raybench.configs import DataSpec, Recipe, TrialSpec
-    from raybench.resources import MIN_FRACTION, gpu_fraction
+    from raybench.sizing import MIN_FRACTION, gpu_fraction
     small = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec())
     deep = TrialSpec(dataclasses.replace(TINY_VIT, depth=4), Recipe(batch_size=64), DataSpec())
     assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)
@@ -160,7 +160,7 @@ def test_gpu_fraction_follows_compute_and_memory():
 def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room_for_cuda(tiny_swin_dir):
     import dataclasses
     from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec
-    from raybench.resources import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
+    from raybench.sizing import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
     vit = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
     more = dataclasses.replace(vit, data=DataSpec(train_size=2000, test_size=200))
     assert trial_memory_bytes(more) - trial_memory_bytes(vit) == 1000 * 3 * 32 * 32  # uint8 images on the GPU
@@ -176,7 +176,7 @@ def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room
 
 
 def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
-    from raybench.resources import max_concurrent
+    from raybench.sizing import max_concurrent
     res = {"a": {"gpu": 1.0}, "b": {"gpu": 0.5}, "c": {"gpu": 0.25}, "d": {"gpu": 0.125}}
     assert max_concurrent(res, None) == 0  # no cap
     assert max_concurrent(res, 1) == 1  # the largest trial alone fills one GPU
