@@ -95,7 +95,7 @@ def warm_up_sizes(n: int, n_test: int, batch_size: int, warmup_batches: int) -> 
     """Training and test images of the throwaway warm-up Trial: a few full batches and a short last one, so its
     compile covers every graph a real trial compiles (CIFAR-100's 50,000 images end on a short batch of 16 at
     batch 64). The short batch has the timed set's size where that set has one, else CIFAR-100's."""
-    from raybench.train import EVAL_BATCH
+    from raybench.sizing import EVAL_BATCH
 
     def size(n, batch, full_batches, short):
         k = min(full_batches, (n - short) // batch)
@@ -533,9 +533,10 @@ def main(argv=None) -> int:
             study = {}
             devices = parse_devices(args.device)
             models = [m.strip() for m in args.models.split(",") if m.strip()]
+        from raybench.models import check_model
         for m in models:
             if m not in study:  # an experiment's trials are built already; names may be custom
-                parse_model_name(m)
+                check_model(parse_model_name(m))
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

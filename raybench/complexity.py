@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 
 from raybench.configs import (PREFIXES, SWIN_ARCHS, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
-                              add_model_args, model_from_args, parse_model_name, study_models)
+                              parse_model_name, study_models)
+from raybench.flags import add_model_args, model_from_args
 
 CLOSED_FORM, COUNTED = "closed form", "counted"  # Complexity.flops_source
 
@@ -315,8 +316,7 @@ def _configs_from_args(args) -> list[ModelConfig]:
                     out.append(spec.model)
             continue
         from raybench.models import check_model  # torchvision:, hf:, py: names: a test batch first
-        check_model(cfg)
-        out.append(cfg)
+        out.append(check_model(cfg))
     return out
 
 

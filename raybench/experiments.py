@@ -231,9 +231,8 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, p
         if isinstance(entry, dict):
             _check_keys(where, entry, ENTRY_KEYS | MODEL_FIELDS)
         try:
-            models = _entry_models(where, entry, num_classes, str(path.parent.resolve()))
-            for model in models:  # torchvision:, hf:, py: models run a test batch now, not in a trial
-                check_model(model)
+            # checked against what they name (torchvision:, hf:, py: models run a test batch now, not in a trial)
+            models = [check_model(m) for m in _entry_models(where, entry, num_classes, str(path.parent.resolve()))]
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
         entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}

@@ -111,8 +111,9 @@ def check_names(parts: tuple[str, ...], models: list[str], study: str, study_onl
     from raybench.plan import select
     try:
         if "bench" in parts:
+            from raybench.models import check_model
             for m in models:
-                parse_model_name(m)
+                check_model(parse_model_name(m))
         if "study" in parts:
             select(load_experiment(study, dataset="synthetic"), study_only)
         if "grid" in parts:
@@ -408,7 +409,7 @@ def busy_fraction(samples: list[tuple[float, float]], start: float, end: float) 
 def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: str, reserved_mb: float) -> dict:
     from raybench.records import ERROR
     from raybench.sizing import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
-    from raybench.train import CACHE_ON
+    from raybench.sizing import CACHE_ON
     est_mb = memory_estimate(spec) / 2**20
     row = {"trial": trial_name, "model": spec.model.name, "family": spec.model.family,
            "batch_size": spec.recipe.batch_size, "images": spec.data.train_size, "device": rec.get("device", device),

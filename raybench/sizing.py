@@ -27,6 +27,9 @@ FULL_GPU_STEP_FLOPS = 1e12  # a guess until the GPU check calibrates it (scripts
 CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
 DEFAULT_GPU_MEMORY_GB = 80.0
 MIN_FRACTION = 1 / 8
+EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
+CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
+    "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -56,8 +59,17 @@ def input_side(spec: TrialSpec) -> int:
     return complexity(spec.model).input_size
 
 
+def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
+    """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
+    to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
+    if not spec.model.frozen_backbone:
+        return CACHE_OFF_NOT_FROZEN
+    if spec.recipe.augment:
+        return CACHE_OFF_AUGMENT
+    return CACHE_ON if enabled else CACHE_OFF_DISABLED
+
+
 def caches_features(spec: TrialSpec) -> bool:
-    from raybench.train import CACHE_ON, feature_cache_mode
     return feature_cache_mode(spec) == CACHE_ON
 
 
@@ -100,7 +112,6 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     EVAL_BATCH (evaluation, the feature pass), whichever is larger, plus what stays on the device all along:
     the dataset as uint8 and, for a cached frozen backbone, its fp32 features of every image."""
     from raybench.complexity import activation_bytes_per_image, complexity, feature_dim
-    from raybench.train import EVAL_BATCH
     cx = complexity(spec.model)
     images, side = dataset_images(spec)
     resident = images * 3 * side * side + 4 * (cx.params + 3 * cx.trainable_params)

@@ -52,8 +52,13 @@ def test_bad_recipe_and_data_values_are_rejected():
         ResNetConfig(stem="cifar", pretrained=True)
     with pytest.raises(ConfigError, match="model name 'vit-p4'"):
         parse_model_name("vit-p4")
+
+
+def test_configs_name_files_that_are_read_when_an_experiment_loads():
+    from raybench.models import check_model
+    scratch = SwinConfig("nosuch", finetune=False)  # constructing a config reads no file
     with pytest.raises(ConfigError, match="checkpoint='nosuch'.*config.json"):
-        SwinConfig("nosuch", finetune=False)
+        check_model(scratch)
 
 
 def test_trial_specs_round_trip_through_plain_dicts():

@@ -250,8 +250,10 @@ def test_an_hf_folder_that_is_not_an_image_classifier_is_refused(tmp_path):
 
 
 def test_an_hf_model_trains_at_its_checkpoints_size(tiny_vit_dir):
+    assert HFConfig(str(tiny_vit_dir)).image_size is None  # constructing a config reads no checkpoint
+    assert check_model(HFConfig(str(tiny_vit_dir))).image_size == 32
     with pytest.raises(ConfigError, match="image_size=64: .* is trained at 32 px"):
-        HFConfig(str(tiny_vit_dir), image_size=64)
+        check_model(HFConfig(str(tiny_vit_dir), image_size=64))
 
 
 def test_pretrained_weights_offline_fail_fast_with_instructions(monkeypatch, tmp_path):

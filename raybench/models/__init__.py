@@ -69,13 +69,31 @@ def _describe(out) -> str:
     return f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
 
 
-def check_model(cfg: ModelConfig) -> None:
-    """Build a torchvision:, hf: or py: model once (random weights) and run a test batch in train and eval mode:
-    a model that does not build, or does not map (2, 3, S, S) to (2, classes) logits, is refused when the
-    experiment loads, not in a trial. A frozen backbone must also give forward_head(forward_features(x)) ==
-    forward(x). An hf: checkpoint whose config cannot be read here is left to check_weights."""
+def _complete(cfg: ModelConfig) -> ModelConfig:
+    """The checks a config's construction leaves out because they read files (torchvision's model list, an HF
+    checkpoint's config, a Swin folder), and what those files decide (an hf: checkpoint's input size)."""
+    if isinstance(cfg, TorchvisionConfig):
+        from raybench.models.tv import check_arch
+        check_arch(cfg)
+    elif isinstance(cfg, HFConfig):
+        from raybench.models.hf import with_image_size
+        cfg = with_image_size(cfg)
+    elif isinstance(cfg, SwinConfig):
+        from raybench.models.swin import check_checkpoint
+        check_checkpoint(cfg)
+    return cfg
+
+
+def check_model(cfg: ModelConfig) -> ModelConfig:
+    """The config checked against what it names, and completed (an hf: checkpoint's input size): run when an
+    experiment loads and by the CLIs, never by a config's construction. A torchvision:, hf: or py: model is
+    also built once (random weights) and runs a test batch in train and eval mode: a model that does not build,
+    or does not map (2, 3, S, S) to (2, classes) logits, is refused when the experiment loads, not in a trial.
+    A frozen backbone must also give forward_head(forward_features(x)) == forward(x). An hf: checkpoint whose
+    config cannot be read here is left to check_weights."""
+    cfg = _complete(cfg)
     if not isinstance(cfg, (TorchvisionConfig, HFConfig, PyConfig)) or cfg.image_size is None:
-        return
+        return cfg
     import torch
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's seeded stream stays as it was
@@ -104,3 +122,4 @@ def check_model(cfg: ModelConfig) -> None:
             raise ConfigError(f"{cfg.name}: forward_head(forward_features(x)) differs from forward(x) (by up to "
                               f"{(split - out).abs().max().item():.3g}): the frozen backbone's cached features "
                               "would train a different model")
+    return cfg

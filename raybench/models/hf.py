@@ -2,6 +2,7 @@
 pretrained, pretrained with a frozen backbone, or the checkpoint's architecture from scratch."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -76,6 +77,16 @@ def checkpoint_image_size(checkpoint: str) -> int | None:
         raise ConfigError(f"hf:{checkpoint}: neither its config nor its preprocessor says a square image size "
                           f"(config.image_size={getattr(cfg, 'image_size', None)!r})")
     return size
+
+
+def with_image_size(cfg: HFConfig) -> HFConfig:
+    """The config with its checkpoint's input size: the checkpoint decides it. An id neither cached nor local
+    leaves it unknown here; the grid's preflight refuses such a model before Ray starts (check_weights)."""
+    size = checkpoint_image_size(cfg.checkpoint)
+    if size is not None and cfg.image_size not in (None, size):
+        raise ConfigError(f"HFConfig.image_size={cfg.image_size}: {cfg.checkpoint} is trained at {size} "
+                          "px and raybench trains it there; leave image_size out")
+    return cfg if size is None else dataclasses.replace(cfg, image_size=size)
 
 
 def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:

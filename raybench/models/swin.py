@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raybench.configs import SWIN_ARCHS, SWIN_MICRO, SwinConfig
+from raybench.configs import SWIN_ARCHS, SWIN_MICRO, ConfigError, SwinConfig
 from raybench.models.hub import WeightsUnavailable, hf_unavailable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -39,6 +39,14 @@ class SwinClassifier(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def check_checkpoint(cfg: SwinConfig) -> None:
+    """From scratch, the architecture comes from the built-in presets or a folder's config.json."""
+    if (not cfg.finetune and cfg.checkpoint not in SWIN_ARCHS
+            and not (Path(os.path.expanduser(cfg.checkpoint)) / "config.json").is_file()):
+        raise ConfigError(f"SwinConfig.checkpoint={cfg.checkpoint!r}: from-scratch Swin needs a known "
+                          f"architecture ({', '.join(SWIN_ARCHS)}) or a local folder with config.json")
 
 
 def _is_local(checkpoint: str) -> bool:

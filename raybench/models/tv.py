@@ -10,6 +10,19 @@ from raybench.models.resnet import _pretrained_state, weights_unavailable
 AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}  # training-only side heads
 
 
+def check_arch(cfg: TorchvisionConfig) -> None:
+    """Refuse an arch that is not one of torchvision's classification models, naming close matches."""
+    import difflib
+    import torchvision
+    archs = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    if cfg.arch not in archs:
+        close = difflib.get_close_matches(str(cfg.arch), archs, n=5, cutoff=0.5)
+        raise ConfigError(f"TorchvisionConfig.arch={cfg.arch!r}: not a torchvision classification model; "
+                          + (f"close matches: {', '.join(close)}" if close else
+                             f"{len(archs)} are, e.g. {', '.join(archs[:6])} (see "
+                             "torchvision.models.list_models(module=torchvision.models))"))
+
+
 def default_weights(arch: str):
     import torchvision
     w = torchvision.models.get_model_weights(arch)
