@@ -155,9 +155,9 @@ def swin_complexity(c: SwinConfig) -> Complexity:
 # --- any other model: counted on the built model ------------------------------------------------------------
 
 def count_flops(model, input_size: int) -> dict:
-    """Forward FLOPs per image by operator, counted with FlopCounterMode as design.md's conventions say: under
-    the math SDPA backend (the fused CPU kernel counts 0) and in train mode (nn.MultiheadAttention's eval fast
-    path is partly missed). Batch 2, halved: BatchNorm in train mode needs more than one value per channel.
+    """Forward FLOPs per image by operator: raybench's one FlopCounterMode count, as design.md's conventions say:
+    under the math SDPA backend (the fused CPU kernel counts 0) and in train mode (nn.MultiheadAttention's eval
+    fast path is partly missed). Batch 2, halved: BatchNorm in train mode needs more than one value per channel.
     The model's mode is restored; its BatchNorm statistics move (pass a model built for counting)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -176,10 +176,8 @@ def count_flops(model, input_size: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def counted_complexity(cfg: ModelConfig) -> Complexity:
     """Parameters (total and trainable) and FLOPs counted on the built model, random weights: no download."""
-    import torch
-    from raybench.models import build_model
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, weights=False)
+    from raybench.models import measuring_model
+    model = measuring_model(cfg)
     by_op = count_flops(model, model.input_size)
     return Complexity(cfg.name, sum(p.numel() for p in model.parameters()),
                       sum(p.numel() for p in model.parameters() if p.requires_grad), sum(by_op.values()),
@@ -198,85 +196,24 @@ def complexity(cfg: ModelConfig) -> Complexity:
     raise TypeError(f"complexity: unsupported config {cfg!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def feature_dim(cfg: ModelConfig) -> int:
-    """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
-    holds): the class token's width for the ViT, the pooled width for ResNet-18 and Swin, measured on the built
-    model for hf: and py: models."""
-    if isinstance(cfg, ViTConfig):
-        return cfg.dim
-    if isinstance(cfg, ResNetConfig):
-        return 512
-    if isinstance(cfg, SwinConfig):
-        a = swin_arch(cfg)
-        return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)
-    import torch
-    from raybench.models import build_model
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, weights=False).eval()
-    if not callable(getattr(model, "forward_features", None)):
-        raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")
-    with torch.no_grad():
-        f = model.forward_features(torch.zeros(2, 3, model.input_size, model.input_size))
-    return f[0].numel()
-
-
-# --- training memory, for the grid's GPU fractions ------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def activation_bytes_per_image(cfg: ModelConfig) -> int:
-    """Bytes autograd keeps for the backward pass per training image, measured: one forward of the built model
-    (random weights) at batch 2 and 4 with a hook on every saved tensor, in fp32 (bf16 autocast on CUDA keeps
-    about half). The difference divides out what does not grow with the batch (saved weights)."""
-    import torch
-    from raybench.models import build_model
-    model = build_model(cfg, weights=False).train()
-    size = complexity(cfg).input_size
-
-    def saved(batch: int) -> int:
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.zeros(batch, 3, size, size))
-        return total
-    return max(0, (saved(4) - saved(2)) // 2)
-
-
-def training_memory_bytes(cfg: ModelConfig, batch_size: int) -> int:
-    """Estimated peak training memory: fp32 weights, plus gradient and two Adam moments for the trainable ones,
-    plus the batch's saved activations."""
-    cx = complexity(cfg)
-    return 4 * (cx.params + 3 * cx.trainable_params) + batch_size * activation_bytes_per_image(cfg)
-
-
 # --- measured counts, for cross-checks --------------------------------------------------------------------
 
 def measure(model, input_size: int) -> dict:
-    """Counted on the built model: parameters, FlopCounterMode FLOPs and torchinfo mult-adds for one image.
-
-    FlopCounterMode counts 0 FLOPs for the fused CPU SDPA kernel, so attention is counted under the math
-    backend (which decomposes into counted matmuls); no module here takes nn.MultiheadAttention's eval fast
-    path (which FlopCounterMode partly misses), so eval mode is safe and keeps BatchNorm stats. torchinfo only sees
-    modules' own weights (Conv/Linear), so it misses the attention matmuls, which are functional calls."""
-    import torch
+    """Counted on the built model: parameters, FLOPs (count_flops) and torchinfo mult-adds for one image.
+    torchinfo only sees modules' own weights (Conv/Linear), so it misses the attention matmuls, which are
+    functional calls; it runs in eval mode, the model's mode restored."""
     import torchinfo
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, input_size, input_size)
+    import torch
+    flops = sum(count_flops(model, input_size).values())
     was_training = model.training
     model.eval()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    info = torchinfo.summary(model, input_data=x, verbose=0)
-    model.train(was_training)
+    try:
+        info = torchinfo.summary(model, input_data=torch.zeros(1, 3, input_size, input_size), verbose=0)
+    finally:
+        model.train(was_training)
     return {"params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "flops": int(fc.get_total_flops()), "torchinfo_mult_adds": int(info.total_mult_adds)}
+            "flops": int(flops), "torchinfo_mult_adds": int(info.total_mult_adds)}
 
 
 # --- CLI --------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The resource rule: what share of a GPU, and how many CPUs, one trial asks Ray for, and whether a cluster
-can ever hold it. Written once, here, with its reasons; `python -m raybench.grid --dry-run` prints what it gives.
+"""A trial's size, in one place: the side its model sees, its backbone's feature width, whether it caches
+features, its training and evaluation memory (measured on the built model, built once per config), and the
+resource rule: what share of a GPU, and how many CPUs, it asks Ray for, and whether a cluster can ever hold it.
+Written once, here, with its reasons; `python -m raybench.grid --dry-run` prints what it gives.
 
 A trial's GPU fraction is the larger of two shares, rounded up to a power of two between MIN_FRACTION and 1
 (powers of two so packed trials fill a GPU exactly):
@@ -21,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from raybench.configs import TrialSpec
+from raybench.configs import ConfigError, ModelConfig, ResNetConfig, SwinConfig, TrialSpec, ViTConfig
 
 FULL_GPU_STEP_FLOPS = 1e12  # a guess until the GPU check calibrates it (scripts/gpu-check.sh)
 CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
@@ -55,8 +57,55 @@ def count_images(root: Path) -> int:
 
 
 def input_side(spec: TrialSpec) -> int:
+    """The side the model sees (the trainer resizes every batch to it)."""
     from raybench.complexity import complexity
     return complexity(spec.model).input_size
+
+
+@functools.lru_cache(maxsize=None)
+def feature_dim(cfg: ModelConfig) -> int:
+    """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
+    holds): the class token's width for the ViT, the pooled width for ResNet-18 and Swin, measured on the built
+    model for hf: and py: models."""
+    if isinstance(cfg, ViTConfig):
+        return cfg.dim
+    if isinstance(cfg, ResNetConfig):
+        return 512
+    if isinstance(cfg, SwinConfig):
+        from raybench.complexity import swin_arch
+        a = swin_arch(cfg)
+        return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)
+    import torch
+    from raybench.models import measuring_model
+    model = measuring_model(cfg).eval()
+    if not callable(getattr(model, "forward_features", None)):
+        raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")
+    with torch.no_grad():
+        f = model.forward_features(torch.zeros(2, 3, model.input_size, model.input_size))
+    return f[0].numel()
+
+
+@functools.lru_cache(maxsize=None)
+def activation_bytes_per_image(cfg: ModelConfig) -> int:
+    """Bytes autograd keeps for the backward pass per training image, measured: one forward of the built model
+    (random weights) at batch 2 and 4 with a hook on every saved tensor, in fp32 (bf16 autocast on CUDA keeps
+    about half). The difference divides out what does not grow with the batch (saved weights)."""
+    import torch
+    from raybench.models import measuring_model
+    model = measuring_model(cfg).train()
+    size = model.input_size
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(batch, 3, size, size))
+        return total
+    return max(0, (saved(4) - saved(2)) // 2)
 
 
 def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
@@ -79,9 +128,8 @@ def inference_bytes_per_image(cfg) -> int:
     at batch 1 in fp32: twice the largest inputs + outputs of any one leaf module (twice: the residual stream and
     the allocator's rounding live beside them). No-grad passes free each activation once the next layer has it."""
     import torch
-    from raybench.complexity import complexity
-    from raybench.models import build_model
-    model = build_model(cfg, weights=False).eval()
+    from raybench.models import measuring_model
+    model = measuring_model(cfg).eval()
     peak = 0
 
     def size(obj) -> int:
@@ -98,7 +146,7 @@ def inference_bytes_per_image(cfg) -> int:
         peak = max(peak, size(inputs) + size(output))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    side = complexity(cfg).input_size
+    side = model.input_size
     with torch.no_grad():
         model(torch.zeros(1, 3, side, side))
     for h in handles:
@@ -111,7 +159,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     gradients and Adam moments of what trains, the batch's saved activations) or the no-grad pass at
     EVAL_BATCH (evaluation, the feature pass), whichever is larger, plus what stays on the device all along:
     the dataset as uint8 and, for a cached frozen backbone, its fp32 features of every image."""
-    from raybench.complexity import activation_bytes_per_image, complexity, feature_dim
+    from raybench.complexity import complexity
     cx = complexity(spec.model)
     images, side = dataset_images(spec)
     resident = images * 3 * side * side + 4 * (cx.params + 3 * cx.trainable_params)
@@ -126,7 +174,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
 
 def step_flops(spec: TrialSpec) -> float:
     """FLOPs of one training step, as the compute share counts them (see the module's docstring)."""
-    from raybench.complexity import complexity, feature_dim
+    from raybench.complexity import complexity
     b = spec.recipe.batch_size
     if caches_features(spec):
         return 3 * 2 * feature_dim(spec.model) * spec.model.num_classes * b

@@ -144,10 +144,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_a
 
 
 def test_gpu_fraction_follows_compute_and_memory():
-    from raybench.complexity import activation_bytes_per_image
     import dataclasses
     from raybench.configs import DataSpec, Recipe, TrialSpec
-    from raybench.sizing import MIN_FRACTION, gpu_fraction
+    from raybench.sizing import MIN_FRACTION, activation_bytes_per_image, gpu_fraction
     small = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec())
     deep = TrialSpec(dataclasses.replace(TINY_VIT, depth=4), Recipe(batch_size=64), DataSpec())
     assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)

@@ -7,6 +7,8 @@ backbone/head split (Swin, hf:, py: models that define one) also carry `forward_
 """
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from raybench.configs import (ConfigError, HFConfig, ModelConfig, PyConfig, ResNetConfig, SwinConfig,
@@ -42,6 +44,16 @@ def build_model(cfg: ModelConfig, weights: bool = True) -> nn.Module:
     else:
         raise TypeError(f"build_model: unsupported config {cfg!r}")
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def measuring_model(cfg: ModelConfig) -> nn.Module:
+    """`cfg` built to be measured or checked: random weights, the caller's seeded RNG stream left as it was.
+    The last one is kept, so the figures taken from one config in a row (the load-time test batch, counted FLOPs,
+    feature width, training and evaluation memory) build it once. Callers set the mode they measure in."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg, weights=False)
 
 
 def check_weights(cfg: ModelConfig) -> None:
@@ -96,8 +108,7 @@ def check_model(cfg: ModelConfig) -> ModelConfig:
         return cfg
     import torch
     try:
-        with torch.random.fork_rng(devices=[]):  # the caller's seeded stream stays as it was
-            model = build_model(cfg, weights=False)
+        model = measuring_model(cfg)
     except ConfigError:
         raise
     except Exception as e:
