@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from raybench.configs import (PREFIXES, SWIN_SHORT, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
-                              model_from_name, parse_model_name)
+                              model_from_name, parse_model_name, usual_image_size)
+from raybench.experiments import locate
 from raybench.models import check_model
 
 
@@ -39,7 +40,7 @@ def _prefixed_from_args(args) -> ModelConfig:
     family = args.name.partition(":")[0]
     if family == "torchvision":
         fields = {"pretrained": args.pretrained,
-                  "image_size": None if args.pretrained and args.image_size == 32 else args.image_size}
+                  "image_size": None if args.image_size == 32 else args.image_size}
     elif family == "hf":  # an hf model trains at its checkpoint's size: --image-size does not apply
         fields = {"finetune": args.finetune, "scratch": args.scratch}
     else:
@@ -48,7 +49,7 @@ def _prefixed_from_args(args) -> ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--kwargs={args.kwargs!r}: not JSON ({e}); e.g. '{{\"width\": 64}}'") from None
         fields = {"kwargs": kwargs, "image_size": args.image_size, "finetune": args.finetune}
-    return model_from_name(args.name, fields, args.num_classes)
+    return locate(model_from_name(args.name, fields, args.num_classes))
 
 
 def model_from_args(args) -> ModelConfig:
@@ -72,7 +73,7 @@ def _model_from_args(args) -> ModelConfig:
         return ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio, args.dropout,
                          image_size=args.image_size, num_classes=args.num_classes)
     if args.model == "resnet":
-        size = 224 if args.pretrained and args.image_size == 32 else args.image_size
+        size = usual_image_size(args.pretrained) if args.image_size == 32 else args.image_size
         stem = "imagenet" if args.pretrained else args.stem
         return ResNetConfig(stem, args.pretrained, image_size=size, num_classes=args.num_classes)
     if args.model == "swin":

@@ -23,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from raybench.configs import ConfigError, ModelConfig, ResNetConfig, SwinConfig, TrialSpec, ViTConfig
+from raybench.configs import ConfigError, ModelConfig, TrialSpec
 
 FULL_GPU_STEP_FLOPS = 1e12  # a guess until the GPU check calibrates it (scripts/gpu-check.sh)
 CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
@@ -65,18 +65,13 @@ def input_side(spec: TrialSpec) -> int:
 @functools.lru_cache(maxsize=None)
 def feature_dim(cfg: ModelConfig) -> int:
     """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
-    holds): the class token's width for the ViT, the pooled width for ResNet-18 and Swin, measured on the built
-    model for hf: and py: models."""
-    if isinstance(cfg, ViTConfig):
-        return cfg.dim
-    if isinstance(cfg, ResNetConfig):
-        return 512
-    if isinstance(cfg, SwinConfig):
-        from raybench.complexity import swin_arch
-        a = swin_arch(cfg)
-        return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)
+    holds): the family's closed form where it has one (the ViT's class token, the pooled width of ResNet-18 and
+    Swin), else measured on the built model."""
+    from raybench.models import family_of, measuring_model
+    closed_form = family_of(cfg).feature_dim
+    if closed_form:
+        return closed_form(cfg)
     import torch
-    from raybench.models import measuring_model
     model = measuring_model(cfg).eval()
     if not callable(getattr(model, "forward_features", None)):
         raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from raybench.configs import PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, default_recipe
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
 from raybench.flags import add_model_args, model_from_args
-from raybench.sizing import CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_ON, EVAL_BATCH, feature_cache_mode, input_side
+from raybench.sizing import (CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_ON, EVAL_BATCH, feature_cache_mode,
+                             input_side)
 
 # statuses are defined once, in raybench.records; these names stay for callers of the trainer
 from raybench.records import DIVERGED as STATUS_DIVERGED, OK as STATUS_OK, OOM as STATUS_OOM, RUNNING as STATUS_RUNNING  # noqa: E501,F401
