@@ -76,7 +76,7 @@ def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert epochs.trial.nunique() == 2 and epochs.pid.nunique() == 1  # one actor process ran both trials
     from raybench.bench import grid_phases
-    phases = grid_phases(r.stdout, run_dir)
+    phases = grid_phases(run_dir)
     assert phases["actor_processes"] == 1 and phases["between_trials_n"] == 1
     total = float(re.search(r"\[grid\] (\d+) s in all", r.stdout).group(1))
     spent = sum(phases[k] for k in ("before_ray", "ray_start", "tune_run", "ray_shutdown", "report_and_analysis"))
