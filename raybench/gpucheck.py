@@ -408,8 +408,7 @@ def busy_fraction(samples: list[tuple[float, float]], start: float, end: float) 
 
 def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: str, reserved_mb: float) -> dict:
     from raybench.records import ERROR
-    from raybench.sizing import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
-    from raybench.sizing import CACHE_ON
+    from raybench.sizing import CACHE_ON, FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
     est_mb = memory_estimate(spec) / 2**20
     row = {"trial": trial_name, "model": spec.model.name, "family": spec.model.family,
            "batch_size": spec.recipe.batch_size, "images": spec.data.train_size, "device": rec.get("device", device),
