@@ -119,8 +119,9 @@ def _configs_from_args(args) -> list[ModelConfig]:
                     seen.add(spec.model.name)
                     out.append(spec.model)
             continue
+        from raybench.experiments import locate  # paths in names are taken from the working folder
         from raybench.models import check_model  # torchvision:, hf:, py: names: a test batch first
-        out.append(check_model(cfg))
+        out.append(check_model(locate(cfg)))
     return out
 
 
