@@ -95,7 +95,7 @@ def warm_up_sizes(n: int, n_test: int, batch_size: int, warmup_batches: int) -> 
     """Training and test images of the throwaway warm-up Trial: a few full batches and a short last one, so its
     compile covers every graph a real trial compiles (CIFAR-100's 50,000 images end on a short batch of 16 at
     batch 64). The short batch has the timed set's size where that set has one, else CIFAR-100's."""
-    from raybench.train import EVAL_BATCH
+    from raybench.sizing import EVAL_BATCH
 
     def size(n, batch, full_batches, short):
         k = min(full_batches, (n - short) // batch)
@@ -287,17 +287,17 @@ def grid_trial_times(run_dir: Path) -> dict:
     return out
 
 
-def grid_phases(stdout: str, run_dir: Path) -> dict:
-    """Where a grid run's wall time went: the phases it prints at the end (raybench.grid), and from its epoch
-    rows when the first epoch started and the last ended within the Tune run, and the idle seconds between
+def grid_phases(run_dir: Path) -> dict:
+    """Where a grid run's wall time went: the phases it writes at the end (raybench.grid.PHASES_FILE), and from
+    its epoch rows when the first epoch started and the last ended within the Tune run, and the idle seconds between
     consecutive epochs of one actor process: within a trial (report, checkpoint) and between two trials (the
     reused actor's hand-over: reset_config, building the next Trial, Tune's scheduling)."""
     import pandas as pd
-    from raybench.grid import PHASES_PREFIX
-    line = next((l for l in stdout.splitlines() if l.startswith(PHASES_PREFIX)), None)
-    if line is None:
+    from raybench.grid import PHASES_FILE
+    path = Path(run_dir) / PHASES_FILE
+    if not path.exists():
         return {}
-    phases = json.loads(line[len(PHASES_PREFIX):])
+    phases = json.loads(path.read_text())
     ep = pd.read_parquet(Path(run_dir) / "epochs.parquet").sort_values(["pid", "started_at"])
     prev = ep.groupby("pid").shift(1)
     gap = ep.started_at - prev.finished_at
@@ -354,9 +354,9 @@ def grid_overhead(experiment: str, only: str | None, cpus_per_trial: float) -> d
                "--no-dashboard", "--results-dir", tmp, "--name", "grid", "--cpus-per-trial", str(cpus_per_trial)]
         cmd += ["--only", only] if only else []
         load = os.getloadavg()[0]
-        grid_wall, grid_out = timed_run(cmd, "grid overhead", env)
+        grid_wall, _ = timed_run(cmd, "grid overhead", env)
         grid = grid_trial_times(Path(tmp) / "grid")
-        phases = grid_phases(grid_out, Path(tmp) / "grid")
+        phases = grid_phases(Path(tmp) / "grid")
     seq_cmd = [sys.executable, "-m", "raybench.bench", "--sequential", experiment,
                "--threads", str(max(1, int(cpus_per_trial)))]
     seq_cmd += ["--grid-only", only] if only else []
@@ -533,9 +533,10 @@ def main(argv=None) -> int:
             study = {}
             devices = parse_devices(args.device)
             models = [m.strip() for m in args.models.split(",") if m.strip()]
+        from raybench.models import check_model
         for m in models:
             if m not in study:  # an experiment's trials are built already; names may be custom
-                parse_model_name(m)
+                check_model(parse_model_name(m))
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
 """Parameter counts and forward FLOPs per image, in closed form from a model config, with measured cross-checks.
+The closed forms live beside the models they describe (raybench/models/vit.py, resnet.py, swin.py), registered
+with their family; this module picks the family's one or counts, and holds raybench's one FlopCounterMode count.
 
 Convention: FLOPs = 2 x multiply-accumulates (MACs) of the matrix work: convolutions, linear layers and the
 attention matmuls (QK^T and AV). Element-wise work (norms, activations, softmax, residual adds, pooling,
@@ -15,148 +17,20 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import os
 import sys
-from dataclasses import dataclass, field
 
-from raybench.configs import (PREFIXES, SWIN_ARCHS, ConfigError, ModelConfig, ResNetConfig, SwinConfig, ViTConfig,
-                              add_model_args, model_from_args, parse_model_name, study_models)
-
-CLOSED_FORM, COUNTED = "closed form", "counted"  # Complexity.flops_source
-
-
-@dataclass(frozen=True)
-class Complexity:
-    name: str
-    params: int
-    trainable_params: int
-    flops: int  # forward FLOPs for one image (2 x MACs)
-    input_size: int
-    flops_by_part: dict = field(default_factory=dict)
-    flops_source: str = CLOSED_FORM  # or COUNTED: FlopCounterMode on the built model
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / 1e9
-
-
-# --- ViT ------------------------------------------------------------------------------------------------
-
-def vit_complexity(c: ViTConfig) -> Complexity:
-    D, H, N, C, P = c.dim, c.mlp_hidden, c.num_patches, c.num_classes, c.patch
-    T = N + 1  # tokens: patches + class token
-    block_params = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * H + H) + (H * D + D)
-    params = (3 * P * P * D + D) + D + T * D + c.depth * block_params + 2 * D + (D * C + C)
-    macs = {
-        "embed": N * 3 * P * P * D,
-        "attn_qkv": c.depth * T * D * 3 * D,
-        "attn_matmul": c.depth * 2 * T * T * D,  # QK^T and AV, summed over heads
-        "attn_proj": c.depth * T * D * D,
-        "mlp": c.depth * 2 * T * D * H,
-        "head": D * C,
-    }
-    flops = {k: 2 * v for k, v in macs.items()}
-    return Complexity(c.name, params, params, sum(flops.values()), c.image_size, flops)
-
-
-# --- ResNet-18 (torchvision BasicBlock layout) -----------------------------------------------------------
-
-def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
-
-
-def resnet18_complexity(c: ResNetConfig) -> Complexity:
-    S = c.image_size
-    params, macs = 0, {"stem": 0, "blocks": 0, "downsample": 0, "head": 0}
-    if c.stem == "cifar":
-        S = _conv_out(S, 3, 1, 1)
-        macs["stem"] = S * S * 3 * 64 * 9
-        params += 3 * 64 * 9 + 2 * 64
-    else:
-        S = _conv_out(S, 7, 2, 3)
-        macs["stem"] = S * S * 3 * 64 * 49
-        params += 3 * 64 * 49 + 2 * 64
-        S = _conv_out(S, 3, 2, 1)  # max-pool
-    cin = 64
-    for stage, cout in enumerate((64, 128, 256, 512)):
-        for b in range(2):
-            stride = 2 if (stage > 0 and b == 0) else 1
-            S_out = _conv_out(S, 3, stride, 1)
-            macs["blocks"] += S_out * S_out * 9 * (cin * cout + cout * cout)
-            params += 9 * (cin * cout + cout * cout) + 2 * 2 * cout
-            if stride != 1 or cin != cout:  # 1x1 projection shortcut + its BatchNorm
-                macs["downsample"] += S_out * S_out * cin * cout
-                params += cin * cout + 2 * cout
-            S, cin = S_out, cout
-    macs["head"] = 512 * c.num_classes
-    params += 512 * c.num_classes + c.num_classes
-    flops = {k: 2 * v for k, v in macs.items()}
-    trainable = params
-    return Complexity(c.name, params, trainable, sum(flops.values()), c.image_size, flops)
-
-
-# --- Swin (Hugging Face SwinForImageClassification layout) -----------------------------------------------
-
-def swin_arch(c: SwinConfig) -> dict:
-    """The architecture fields of a Swin config: built in for the study's checkpoints, else config.json."""
-    if c.checkpoint in SWIN_ARCHS:
-        return dict(SWIN_ARCHS[c.checkpoint])
-    from transformers import SwinConfig as HFSwinConfig
-    from raybench.models.hub import WeightsUnavailable
-    from raybench.models.swin import hub_unavailable
-    err = hub_unavailable(c.checkpoint)
-    if err:
-        raise err
-    try:
-        h = HFSwinConfig.from_pretrained(os.path.expanduser(c.checkpoint))
-    except OSError as e:
-        raise WeightsUnavailable(f"Swin checkpoint {c.checkpoint!r}: its config.json cannot be read "
-                                 f"({str(e).splitlines()[0]}); built-in: {', '.join(SWIN_ARCHS)}, or a folder "
-                                 "written by save_pretrained") from None
-    return dict(embed_dim=h.embed_dim, depths=tuple(h.depths), num_heads=tuple(h.num_heads),
-                window_size=h.window_size, patch_size=h.patch_size, image_size=h.image_size,
-                mlp_ratio=h.mlp_ratio)
-
-
-def swin_complexity(c: SwinConfig) -> Complexity:
-    a = swin_arch(c)
-    P, S, w0 = a["patch_size"], a["image_size"], a["window_size"]
-    C = a["embed_dim"]
-    R = S // P  # token grid side after patch embedding
-    params = (3 * P * P * C + C) + 2 * C  # patch conv + its LayerNorm
-    macs = {"embed": R * R * 3 * P * P * C, "attn_qkv": 0, "attn_matmul": 0, "attn_proj": 0, "mlp": 0,
-            "merge": 0, "head": 0}
-    n_stages = len(a["depths"])
-    for i, (depth, heads) in enumerate(zip(a["depths"], a["num_heads"])):
-        w = min(w0, R)  # HF shrinks the window to the resolution when the map is smaller than a window
-        Rp = math.ceil(R / w) * w  # attention runs on the map padded to whole windows
-        hidden = int(a["mlp_ratio"] * C)
-        N, Np = R * R, Rp * Rp
-        params += depth * (2 * C + (3 * C * C + 3 * C) + (2 * w - 1) ** 2 * heads + (C * C + C) + 2 * C
-                           + (C * hidden + hidden) + (hidden * C + C))
-        macs["attn_qkv"] += depth * Np * 3 * C * C
-        macs["attn_matmul"] += depth * 2 * Np * w * w * C
-        macs["attn_proj"] += depth * Np * C * C
-        macs["mlp"] += depth * 2 * N * C * hidden
-        if i < n_stages - 1:  # patch merging: LayerNorm(4C) + Linear(4C -> 2C, no bias)
-            params += 2 * 4 * C + 4 * C * 2 * C
-            R = (R + 1) // 2
-            macs["merge"] += R * R * 4 * C * 2 * C
-            C *= 2
-    head = C * c.num_classes + c.num_classes
-    params += 2 * C + head  # final LayerNorm + classifier
-    macs["head"] = C * c.num_classes
-    flops = {k: 2 * v for k, v in macs.items()}
-    return Complexity(c.name, params, head if c.frozen_backbone else params, sum(flops.values()), S, flops)
+from raybench.configs import ConfigError, ModelConfig, parse_model_name, study_models
+from raybench.flags import add_model_args, model_from_args
+from raybench.models import family_of
+from raybench.models.registry import CLOSED_FORM, COUNTED, Complexity  # noqa: F401  (re-exported)
 
 
 # --- any other model: counted on the built model ------------------------------------------------------------
 
 def count_flops(model, input_size: int) -> dict:
-    """Forward FLOPs per image by operator, counted with FlopCounterMode as design.md's conventions say: under
-    the math SDPA backend (the fused CPU kernel counts 0) and in train mode (nn.MultiheadAttention's eval fast
-    path is partly missed). Batch 2, halved: BatchNorm in train mode needs more than one value per channel.
+    """Forward FLOPs per image by operator: raybench's one FlopCounterMode count, as design.md's conventions say:
+    under the math SDPA backend (the fused CPU kernel counts 0) and in train mode (nn.MultiheadAttention's eval
+    fast path is partly missed). Batch 2, halved: BatchNorm in train mode needs more than one value per channel.
     The model's mode is restored; its BatchNorm statistics move (pass a model built for counting)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -175,10 +49,8 @@ def count_flops(model, input_size: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def counted_complexity(cfg: ModelConfig) -> Complexity:
     """Parameters (total and trainable) and FLOPs counted on the built model, random weights: no download."""
-    import torch
-    from raybench.models import build_model
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, weights=False)
+    from raybench.models import measuring_model
+    model = measuring_model(cfg)
     by_op = count_flops(model, model.input_size)
     return Complexity(cfg.name, sum(p.numel() for p in model.parameters()),
                       sum(p.numel() for p in model.parameters() if p.requires_grad), sum(by_op.values()),
@@ -186,96 +58,29 @@ def counted_complexity(cfg: ModelConfig) -> Complexity:
 
 
 def complexity(cfg: ModelConfig) -> Complexity:
-    if isinstance(cfg, ViTConfig):
-        return vit_complexity(cfg)
-    if isinstance(cfg, ResNetConfig):
-        return resnet18_complexity(cfg)
-    if isinstance(cfg, SwinConfig):
-        return swin_complexity(cfg)
-    if cfg.family in PREFIXES:
-        return counted_complexity(cfg)
-    raise TypeError(f"complexity: unsupported config {cfg!r}")
-
-
-@functools.lru_cache(maxsize=None)
-def feature_dim(cfg: ModelConfig) -> int:
-    """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
-    holds): the class token's width for the ViT, the pooled width for ResNet-18 and Swin, measured on the built
-    model for hf: and py: models."""
-    if isinstance(cfg, ViTConfig):
-        return cfg.dim
-    if isinstance(cfg, ResNetConfig):
-        return 512
-    if isinstance(cfg, SwinConfig):
-        a = swin_arch(cfg)
-        return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)
-    import torch
-    from raybench.models import build_model
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, weights=False).eval()
-    if not callable(getattr(model, "forward_features", None)):
-        raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")
-    with torch.no_grad():
-        f = model.forward_features(torch.zeros(2, 3, model.input_size, model.input_size))
-    return f[0].numel()
-
-
-# --- training memory, for the grid's GPU fractions ------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def activation_bytes_per_image(cfg: ModelConfig) -> int:
-    """Bytes autograd keeps for the backward pass per training image, measured: one forward of the built model
-    (random weights) at batch 2 and 4 with a hook on every saved tensor, in fp32 (bf16 autocast on CUDA keeps
-    about half). The difference divides out what does not grow with the batch (saved weights)."""
-    import torch
-    from raybench.models import build_model
-    model = build_model(cfg, weights=False).train()
-    size = complexity(cfg).input_size
-
-    def saved(batch: int) -> int:
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.zeros(batch, 3, size, size))
-        return total
-    return max(0, (saved(4) - saved(2)) // 2)
-
-
-def training_memory_bytes(cfg: ModelConfig, batch_size: int) -> int:
-    """Estimated peak training memory: fp32 weights, plus gradient and two Adam moments for the trainable ones,
-    plus the batch's saved activations."""
-    cx = complexity(cfg)
-    return 4 * (cx.params + 3 * cx.trainable_params) + batch_size * activation_bytes_per_image(cfg)
+    """The family's closed form where it has one, else counted on the built model."""
+    closed_form = family_of(cfg).closed_form
+    return closed_form(cfg) if closed_form else counted_complexity(cfg)
 
 
 # --- measured counts, for cross-checks --------------------------------------------------------------------
 
 def measure(model, input_size: int) -> dict:
-    """Counted on the built model: parameters, FlopCounterMode FLOPs and torchinfo mult-adds for one image.
-
-    FlopCounterMode counts 0 FLOPs for the fused CPU SDPA kernel, so attention is counted under the math
-    backend (which decomposes into counted matmuls); no module here takes nn.MultiheadAttention's eval fast
-    path (which FlopCounterMode partly misses), so eval mode is safe and keeps BatchNorm stats. torchinfo only sees
-    modules' own weights (Conv/Linear), so it misses the attention matmuls, which are functional calls."""
-    import torch
+    """Counted on the built model: parameters, FLOPs (count_flops) and torchinfo mult-adds for one image.
+    torchinfo only sees modules' own weights (Conv/Linear), so it misses the attention matmuls, which are
+    functional calls; it runs in eval mode, the model's mode restored."""
     import torchinfo
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, input_size, input_size)
+    import torch
+    flops = sum(count_flops(model, input_size).values())
     was_training = model.training
     model.eval()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    info = torchinfo.summary(model, input_data=x, verbose=0)
-    model.train(was_training)
+    try:
+        info = torchinfo.summary(model, input_data=torch.zeros(1, 3, input_size, input_size), verbose=0)
+    finally:
+        model.train(was_training)
     return {"params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "flops": int(fc.get_total_flops()), "torchinfo_mult_adds": int(info.total_mult_adds)}
+            "flops": int(flops), "torchinfo_mult_adds": int(info.total_mult_adds)}
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
@@ -314,9 +119,9 @@ def _configs_from_args(args) -> list[ModelConfig]:
                     seen.add(spec.model.name)
                     out.append(spec.model)
             continue
+        from raybench.experiments import locate  # paths in names are taken from the working folder
         from raybench.models import check_model  # torchvision:, hf:, py: names: a test batch first
-        check_model(cfg)
-        out.append(cfg)
+        out.append(check_model(locate(cfg)))
     return out
 
 

@@ -64,13 +64,41 @@ def _choice(obj, name, choices):
         raise ConfigError(f"{type(obj).__name__}.{name}={v!r}: must be one of {sorted(choices)}")
 
 
+# The model config classes by family (the Parquet `family` column), and by the prefix their names begin with
+# (`torchvision:<arch>`), each added by @model_config where the class is defined; a duplicate raises.
+FAMILIES: dict[str, type] = {}
+PREFIXES: dict[str, type] = {}
+
+
+def model_config(cls):
+    """Register a model config class. It has `family`, `name`, `num_classes` and `frozen_backbone`, and either a
+    `prefix` and `name_fields(rest)` (`<prefix>:<rest>` names) or `from_name(name, num_classes, image_size)`
+    (its own name grammar, None for a name not of its family), with `GRAMMAR` saying that grammar in errors."""
+    if cls.family in FAMILIES:
+        raise ValueError(f"model family {cls.family!r} is registered twice")
+    FAMILIES[cls.family] = cls
+    if getattr(cls, "prefix", None):
+        PREFIXES[cls.prefix] = cls
+    return cls
+
+
+def usual_image_size(pretrained: bool) -> int:
+    """The input side a model trains at unless told: the 224 px ImageNet weights saw, else CIFAR's own 32 px."""
+    return 224 if pretrained else 32
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x).replace(".", "p")
 
 
+_VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)(?:-d(\d+(?:p\d+)?))?(?:-(\d+))?$")
+
+
+@model_config
 @dataclass(frozen=True)
 class ViTConfig:
     family: ClassVar[str] = "vit"
+    GRAMMAR: ClassVar[str] = "vit-p<P>-e<D>-l<L>-h<H>-m<R>[-d<dropout>][-<size>]"
     patch: int = 8  # patch side in pixels; must divide image_size
     dim: int = 256  # embedding width
     depth: int = 4  # encoder blocks
@@ -112,10 +140,22 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch) ** 2
 
+    @classmethod
+    def from_name(cls, name: str, num_classes: int, image_size: int) -> ViTConfig | None:
+        m = _VIT_NAME.match(name)
+        if not m:
+            return None
+        p, e, l, h, r, d, size = m.groups()
+        return cls(int(p), int(e), int(l), int(h), float(r.replace("p", ".")),
+                   dropout=float(d.replace("p", ".")) if d else 0.0,
+                   image_size=int(size) if size else image_size, num_classes=num_classes)
 
+
+@model_config
 @dataclass(frozen=True)
 class ResNetConfig:
     family: ClassVar[str] = "resnet"
+    GRAMMAR: ClassVar[str] = "resnet18-{cifar,imagenet}[-pt][-<size>]"
     stem: str = "cifar"  # "cifar": 3x3 conv stride 1, no max-pool; "imagenet": torchvision's 7x7/2 + max-pool
     pretrained: bool = False  # torchvision ImageNet weights (needs the imagenet stem)
     image_size: int = 32  # the size the model sees; pretrained weights expect 224
@@ -134,18 +174,27 @@ class ResNetConfig:
     def name(self) -> str:
         # the input size joins the name when it is not the usual one (32 px from scratch, 224 px pretrained):
         # resnet18-imagenet-224 is the scratch control for resnet18-imagenet-pt
-        usual = 224 if self.pretrained else 32
         return (f"resnet18-{self.stem}" + ("-pt" if self.pretrained else "")
-                + (f"-{self.image_size}" if self.image_size != usual else ""))
+                + (f"-{self.image_size}" if self.image_size != usual_image_size(self.pretrained) else ""))
 
     @property
     def frozen_backbone(self) -> bool:
         return False  # a pretrained ResNet-18 fine-tunes every layer
 
+    @classmethod
+    def from_name(cls, name: str, num_classes: int, image_size: int) -> ResNetConfig | None:
+        m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?(?:-(\d+))?$", name)
+        if not m:
+            return None
+        size = int(m.group(3)) if m.group(3) else (usual_image_size(True) if m.group(2) else image_size)
+        return cls(m.group(1), bool(m.group(2)), num_classes=num_classes, image_size=size)
 
+
+@model_config
 @dataclass(frozen=True)
 class SwinConfig:
     family: ClassVar[str] = "swin"
+    GRAMMAR: ClassVar[str] = "swin-{tiny,small,micro}-{ft,scratch}"
     checkpoint: str = SWIN_SHORT["tiny"]  # HF hub name or a local folder written by save_pretrained
     finetune: bool = True  # True: pretrained weights, frozen backbone, only the new head trains
     num_classes: int = 100
@@ -157,9 +206,6 @@ class SwinConfig:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: must be a hub name "
                               f"({', '.join(SWIN_ARCHS)}) or a local folder")
-        if not self.finetune and self.checkpoint not in SWIN_ARCHS and not _is_model_folder(self.checkpoint):
-            raise ConfigError(f"SwinConfig.checkpoint={self.checkpoint!r}: from-scratch Swin needs a known "
-                              f"architecture ({', '.join(SWIN_ARCHS)}) or a local folder with config.json")
 
     @property
     def short(self) -> str:
@@ -176,10 +222,10 @@ class SwinConfig:
     def frozen_backbone(self) -> bool:
         return self.finetune
 
-
-def _is_model_folder(path: str) -> bool:
-    import os
-    return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
+    @classmethod
+    def from_name(cls, name: str, num_classes: int, image_size: int) -> SwinConfig | None:
+        m = re.match(r"^swin-(tiny|small|micro)-(ft|scratch)$", name)
+        return cls(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes) if m else None
 
 
 # --- models the study's dependencies provide, named by their source: torchvision:, hf:, py: -------------------
@@ -190,10 +236,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9_.]+", "-", str(text).lower()).strip("-")
 
 
+@model_config
 @dataclass(frozen=True)
 class TorchvisionConfig:
     """Any classification model `torchvision.models.get_model` builds, e.g. convnext_tiny, mobilenet_v3_small."""
     family: ClassVar[str] = "torchvision"
+    prefix: ClassVar[str] = "torchvision"
+    GRAMMAR: ClassVar[str] = "torchvision:<arch>"
     arch: str = "resnet18"  # a name in torchvision.models.list_models(module=torchvision.models)
     pretrained: bool = False  # torchvision's default weights for the arch, head replaced for num_classes
     image_size: int | None = None  # None: 224 when pretrained (what the weights saw), else 32 (CIFAR's own)
@@ -202,30 +251,27 @@ class TorchvisionConfig:
     def __post_init__(self):
         _flag(self, "pretrained")
         if self.image_size is None:
-            object.__setattr__(self, "image_size", 224 if self.pretrained else 32)
+            object.__setattr__(self, "image_size", usual_image_size(self.pretrained))
         _positive(self, "image_size", "num_classes")
         _whole(self, "image_size", "num_classes")
-        import difflib
-        import torchvision
-        archs = torchvision.models.list_models(module=torchvision.models)  # classification models only
-        if self.arch not in archs:
-            close = difflib.get_close_matches(str(self.arch), archs, n=5, cutoff=0.5)
-            raise ConfigError(f"TorchvisionConfig.arch={self.arch!r}: not a torchvision classification model; "
-                              + (f"close matches: {', '.join(close)}" if close else
-                                 f"{len(archs)} are, e.g. {', '.join(archs[:6])} (see "
-                                 "torchvision.models.list_models(module=torchvision.models))"))
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigError(f"TorchvisionConfig.arch={self.arch!r}: must be a torchvision model name")
 
     @property
     def name(self) -> str:
-        usual = 224 if self.pretrained else 32
         return (f"tv-{self.arch}" + ("-pt" if self.pretrained else "")
-                + (f"-{self.image_size}" if self.image_size != usual else ""))
+                + (f"-{self.image_size}" if self.image_size != usual_image_size(self.pretrained) else ""))
+
+    @staticmethod
+    def name_fields(rest: str) -> dict:
+        return {"arch": rest}
 
     @property
     def frozen_backbone(self) -> bool:
         return False
 
 
+@model_config
 @dataclass(frozen=True)
 class HFConfig:
     """Any Hugging Face `AutoModelForImageClassification` checkpoint, with a new head for num_classes.
@@ -233,10 +279,12 @@ class HFConfig:
     Default: the pretrained weights, all of them trained. `finetune`: pretrained, backbone frozen, only the head
     trains (its features cached, as for Swin). `scratch`: the checkpoint's architecture with random weights."""
     family: ClassVar[str] = "hf"
+    prefix: ClassVar[str] = "hf"
+    GRAMMAR: ClassVar[str] = "hf:<checkpoint or folder>"
     checkpoint: str = "facebook/deit-tiny-patch16-224"  # hub id or a local folder written by save_pretrained
     finetune: bool = False
     scratch: bool = False
-    image_size: int | None = None  # the checkpoint's config.image_size, read at construction when it can be
+    image_size: int | None = None  # the checkpoint's; filled in when an experiment loads (models.check_model)
     num_classes: int = 100
 
     def __post_init__(self):
@@ -252,15 +300,6 @@ class HFConfig:
         if self.image_size is not None:
             _positive(self, "image_size")
             _whole(self, "image_size")
-        # The checkpoint decides its input size. An id neither cached nor local leaves it unknown here; the
-        # grid's preflight refuses such a model before Ray starts (raybench.models.check_weights).
-        from raybench.models.hf import checkpoint_image_size
-        size = checkpoint_image_size(self.checkpoint)
-        if size is not None and self.image_size not in (None, size):
-            raise ConfigError(f"HFConfig.image_size={self.image_size}: {self.checkpoint} is trained at {size} "
-                              "px and raybench trains it there; leave image_size out")
-        if size is not None:
-            object.__setattr__(self, "image_size", size)
 
     @property
     def short(self) -> str:
@@ -275,6 +314,10 @@ class HFConfig:
     @property
     def pretrained(self) -> bool:
         return not self.scratch
+
+    @staticmethod
+    def name_fields(rest: str) -> dict:
+        return {"checkpoint": rest}
 
     @property
     def frozen_backbone(self) -> bool:
@@ -302,6 +345,7 @@ def _freeze_kwargs(where: str, kwargs) -> tuple:
     return tuple(sorted(out, key=lambda kv: kv[0]))
 
 
+@model_config
 @dataclass(frozen=True)
 class PyConfig:
     """`function(**kwargs)` from an importable `module`, returning an nn.Module mapping (B, 3, H, W) to logits.
@@ -309,6 +353,8 @@ class PyConfig:
     The function is given `num_classes=` too when its signature takes it. `finetune` freezes everything but what
     `forward_head` uses; the module must then define `forward_features(x) -> (B, C)` and `forward_head(f)`."""
     family: ClassVar[str] = "py"
+    prefix: ClassVar[str] = "py"
+    GRAMMAR: ClassVar[str] = "py:<module>:<function>"
     module: str = ""
     function: str = ""
     kwargs: tuple = ()  # sorted (key, value) pairs; experiment files write a mapping
@@ -346,15 +392,18 @@ class PyConfig:
     def frozen_backbone(self) -> bool:
         return self.finetune
 
+    @staticmethod
+    def name_fields(rest: str) -> dict:
+        module, sep, function = rest.rpartition(":")
+        if not sep or not module or not function:
+            raise ConfigError(f"model name 'py:{rest}': expected py:<module>:<function>, e.g. py:mymodels:small_cnn")
+        return {"module": module, "function": function}
+
 
 # Every model config has `name`, `num_classes` and `frozen_backbone`: True when only a new head trains on a
 # backbone that never changes. The trainer's feature cache, the GPU share's compute term and the trainable
 # parameter count all follow that one property, so a new family declares it once.
 ModelConfig = Union[ViTConfig, ResNetConfig, SwinConfig, TorchvisionConfig, HFConfig, PyConfig]
-FAMILIES = {"vit": ViTConfig, "resnet": ResNetConfig, "swin": SwinConfig, "torchvision": TorchvisionConfig,
-            "hf": HFConfig, "py": PyConfig}
-# how names of the new families begin, in experiment files and on the command line
-PREFIXES = {"torchvision": TorchvisionConfig, "hf": HFConfig, "py": PyConfig}
 
 
 @dataclass(frozen=True)
@@ -478,73 +527,42 @@ def model_from_dict(family: str, fields: dict) -> ModelConfig:
     return cls(**fields)
 
 
-_VIT_NAME = re.compile(r"^vit-p(\d+)-e(\d+)-l(\d+)-h(\d+)-m(\d+(?:p\d+)?)(?:-d(\d+(?:p\d+)?))?(?:-(\d+))?$")
-
-
-def _prefixed(name: str, folder: str | None) -> tuple[type, dict] | None:
+def _prefixed(name: str) -> tuple[type, dict] | None:
     """`torchvision:<arch>`, `hf:<checkpoint>`, `py:<module>:<function>` -> (config class, its fields), else None.
-
-    `folder` is where relative paths are taken from (the experiment file's folder; default the working one):
-    a `py:` module is imported from it, and an `hf:` folder found there is recorded as an absolute path, since
-    Ray workers run in folders of their own."""
-    import os
+    Paths in them are taken from the experiment file's folder when it loads (raybench.experiments.locate)."""
     prefix, sep, rest = name.partition(":")
     if not sep or prefix not in PREFIXES:
         return None
-    folder = os.path.abspath(os.path.expanduser(folder or os.getcwd()))
-    if prefix == "torchvision":
-        return TorchvisionConfig, {"arch": rest}
-    if prefix == "hf":
-        local = os.path.join(folder, os.path.expanduser(rest))
-        return HFConfig, {"checkpoint": os.path.abspath(local) if rest and os.path.isdir(local) else rest}
-    module, sep, function = rest.rpartition(":")
-    if not sep or not module or not function:
-        raise ConfigError(f"model name {name!r}: expected py:<module>:<function>, e.g. py:mymodels:small_cnn")
-    return PyConfig, {"module": module, "function": function, "path": folder}
+    return PREFIXES[prefix], PREFIXES[prefix].name_fields(rest)
 
 
-def model_from_name(name: str, fields: dict | None = None, num_classes: int = 100,
-                    folder: str | None = None) -> ModelConfig:
+def model_from_name(name: str, fields: dict | None = None, num_classes: int = 100) -> ModelConfig:
     """A model name with fields that refine it (`{pretrained: true}` beside `torchvision:convnext_tiny`)."""
     fields = dict(fields or {})
-    prefixed = _prefixed(name, folder) if isinstance(name, str) else None
+    prefixed = _prefixed(name) if isinstance(name, str) else None
     if prefixed:
         cls, base = prefixed
-        if cls is PyConfig and fields.get("path"):  # a path written in the file is taken from its folder
-            import os
-            fields["path"] = os.path.join(base["path"], os.path.expanduser(fields["path"]))
         return model_from_dict(cls.family, {"num_classes": num_classes, **base, **fields})
     base = parse_model_name(name, num_classes=num_classes)
     return model_from_dict(base.family, {**dataclasses.asdict(base), **fields})
 
 
-def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32,
-                     folder: str | None = None) -> ModelConfig:
+def parse_model_name(name: str, num_classes: int = 100, image_size: int = 32) -> ModelConfig:
     """`vit-p4-e256-l8-h2-m2`, `resnet18-cifar`, `resnet18-imagenet-pt`, `swin-tiny-ft`, `swin-small-scratch`;
     and models from the study's dependencies: `torchvision:<arch>`, `hf:<checkpoint or folder>`,
-    `py:<module>:<function>` (their other fields at their defaults)."""
+    `py:<module>:<function>` (their other fields at their defaults): each family's own grammar."""
     if not isinstance(name, str):
         raise ConfigError(f"model name {name!r}: must be a string")
-    prefixed = _prefixed(name, folder)
+    prefixed = _prefixed(name)
     if prefixed:
         cls, base = prefixed
         return cls(**base, num_classes=num_classes)
-    m = _VIT_NAME.match(name)
-    if m:
-        p, e, l, h, r, d, size = m.groups()
-        return ViTConfig(int(p), int(e), int(l), int(h), float(r.replace("p", ".")),
-                         dropout=float(d.replace("p", ".")) if d else 0.0,
-                         image_size=int(size) if size else image_size, num_classes=num_classes)
-    m = re.match(r"^resnet18-(cifar|imagenet)(-pt)?(?:-(\d+))?$", name)
-    if m:
-        size = int(m.group(3)) if m.group(3) else (224 if m.group(2) else image_size)
-        return ResNetConfig(m.group(1), bool(m.group(2)), num_classes=num_classes, image_size=size)
-    m = re.match(r"^swin-(tiny|small|micro)-(ft|scratch)$", name)
-    if m:
-        return SwinConfig(SWIN_SHORT[m.group(1)], m.group(2) == "ft", num_classes=num_classes)
-    raise ConfigError(f"model name {name!r}: expected vit-p<P>-e<D>-l<L>-h<H>-m<R>[-d<dropout>][-<size>], "
-                      "resnet18-{cifar,imagenet}[-pt][-<size>], swin-{tiny,small,micro}-{ft,scratch}, "
-                      "torchvision:<arch>, hf:<checkpoint or folder> or py:<module>:<function>")
+    for cls in FAMILIES.values():
+        cfg = None if getattr(cls, "prefix", None) else cls.from_name(name, num_classes, image_size)
+        if cfg is not None:
+            return cfg
+    grammars = [cls.GRAMMAR for cls in FAMILIES.values()]
+    raise ConfigError(f"model name {name!r}: expected {', '.join(grammars[:-1])} or {grammars[-1]}")
 
 
 def vit_grid(image_size: int = 32, num_classes: int = 100) -> list[ViTConfig]:
@@ -558,74 +576,3 @@ def study_models(num_classes: int = 100) -> list[ModelConfig]:
     return [*vit_grid(num_classes=num_classes), ResNetConfig("cifar", num_classes=num_classes),
             ResNetConfig("imagenet", num_classes=num_classes),
             SwinConfig(SWIN_SHORT["tiny"], False, num_classes), SwinConfig(SWIN_SHORT["small"], False, num_classes)]
-
-
-# --- CLI flags shared by `raybench.train` and `raybench.complexity` -----------------------------------------
-
-def add_model_args(p) -> None:
-    p.add_argument("--model", choices=["vit", "resnet", "swin"],
-                   help="family, configured by the flags below (or give --name)")
-    p.add_argument("--name", help="a model name instead: vit-p4-e256-l8-h2-m2, resnet18-cifar, swin-tiny-ft, ..., "
-                   "or torchvision:<arch>, hf:<checkpoint or folder>, py:<module>:<function>")
-    p.add_argument("--patch", type=int, default=8, help="ViT patch size (default: 8)")
-    p.add_argument("--dim", type=int, default=256, help="ViT embedding dim (default: 256)")
-    p.add_argument("--depth", type=int, default=4, help="ViT encoder blocks (default: 4)")
-    p.add_argument("--heads", type=int, default=2, help="ViT attention heads (default: 2)")
-    p.add_argument("--mlp-ratio", type=float, default=2.0, help="ViT MLP hidden / dim (default: 2)")
-    p.add_argument("--dropout", type=float, default=0.0, help="ViT dropout (default: 0)")
-    p.add_argument("--image-size", type=int, default=32, help="ViT/ResNet input side (default: 32)")
-    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar", help="ResNet stem (default: cifar)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="ResNet, torchvision:<arch>: torchvision's ImageNet weights (224 px unless --image-size)")
-    p.add_argument("--checkpoint", default=SWIN_SHORT["tiny"],
-                   help=f"Swin hub name or local save_pretrained folder (default: {SWIN_SHORT['tiny']})")
-    p.add_argument("--scratch", action="store_true",
-                   help="Swin, hf:<checkpoint>: train from scratch, everything trainable")
-    p.add_argument("--finetune", action="store_true",
-                   help="hf:<checkpoint>, py:<module>:<function>: freeze the backbone, train only the head")
-    p.add_argument("--kwargs", default="{}",
-                   help='py:<module>:<function>: keyword arguments as JSON, e.g. \'{"width": 64}\' (default: {})')
-    p.add_argument("--num-classes", type=int, default=100, help="classes (default: 100)")
-
-
-def _prefixed_from_args(args) -> ModelConfig:
-    import json
-    family = args.name.partition(":")[0]
-    if family == "torchvision":
-        fields = {"pretrained": args.pretrained,
-                  "image_size": None if args.pretrained and args.image_size == 32 else args.image_size}
-    elif family == "hf":  # an hf model trains at its checkpoint's size: --image-size does not apply
-        fields = {"finetune": args.finetune, "scratch": args.scratch}
-    else:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--kwargs={args.kwargs!r}: not JSON ({e}); e.g. '{{\"width\": 64}}'") from None
-        fields = {"kwargs": kwargs, "image_size": args.image_size, "finetune": args.finetune}
-    cfg = model_from_name(args.name, fields, args.num_classes)
-    from raybench.models import check_model  # builds it once: bad input fails here, not mid-trial
-    check_model(cfg)
-    return cfg
-
-
-def model_from_args(args) -> ModelConfig:
-    source = (args.name or "").partition(":")[0]
-    if args.finetune and source not in ("hf", "py"):
-        raise ConfigError("--finetune applies to hf:<checkpoint> and py:<module>:<function> names (Swin: "
-                          "swin-<size>-ft is fine-tuned, --scratch trains it from scratch)")
-    if args.kwargs != "{}" and source != "py":
-        raise ConfigError(f"--kwargs={args.kwargs!r} applies to py:<module>:<function> names only")
-    if args.name:
-        if source in PREFIXES:
-            return _prefixed_from_args(args)
-        return parse_model_name(args.name, num_classes=args.num_classes, image_size=args.image_size)
-    if args.model == "vit":
-        return ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio, args.dropout,
-                         image_size=args.image_size, num_classes=args.num_classes)
-    if args.model == "resnet":
-        size = 224 if args.pretrained and args.image_size == 32 else args.image_size
-        stem = "imagenet" if args.pretrained else args.stem
-        return ResNetConfig(stem, args.pretrained, image_size=size, num_classes=args.num_classes)
-    if args.model == "swin":
-        return SwinConfig(args.checkpoint, finetune=not args.scratch, num_classes=args.num_classes)
-    raise ConfigError("no model given: pass --model vit|resnet|swin (with its flags) or --name NAME")

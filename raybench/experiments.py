@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,6 @@ TOP_KEYS = {"name", "description", "dataset", "num_classes", "recipes", "seeds",
             "precision", "models"}
 TRIAL_KEYS = {"recipe", "resources", "epochs", "precision"}  # how an entry's models train, beside what they are
 ENTRY_KEYS = {"name", "family", "grid"} | TRIAL_KEYS
-MODEL_FIELDS = {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)} - {"num_classes"}
 RESOURCE_KEYS = {"cpu", "gpu"}
 
 
@@ -95,21 +95,29 @@ def _resources(where: str, r) -> dict:
     return dict(r)
 
 
-def _located(family: str, fields: dict, folder: str) -> dict:
-    """Paths in a file are taken from its folder: a py: model's module folder (default: the folder itself),
-    an hf: checkpoint folder found there. Recorded absolute, since Ray workers run in folders of their own."""
-    fields = dict(fields)
-    if family == "py":
-        fields["path"] = str(Path(folder, fields["path"]).expanduser()) if fields.get("path") else folder
-    ckpt = fields.get("checkpoint")
-    if family == "hf" and isinstance(ckpt, str) and ckpt and Path(folder, ckpt).expanduser().is_dir():
-        fields["checkpoint"] = str(Path(folder, ckpt).expanduser().resolve())
-    return fields
+def model_fields() -> set[str]:
+    """The fields an entry may give a model: every registered family's."""
+    return {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)} - {"num_classes"}
+
+
+def locate(model: ModelConfig, folder: str | None = None) -> ModelConfig:
+    """Paths in a model are taken from `folder` (the experiment file's; default the working one): a py: model's
+    module folder (default: the folder itself), an hf: checkpoint folder found there. Recorded absolute, since
+    Ray workers run in folders of their own."""
+    folder = os.path.abspath(os.path.expanduser(folder or os.getcwd()))
+    if model.family == "py":
+        path = os.path.join(folder, os.path.expanduser(model.path)) if model.path else folder
+        return dataclasses.replace(model, path=path)
+    if model.family == "hf" and model.checkpoint:
+        local = os.path.join(folder, os.path.expanduser(model.checkpoint))
+        if os.path.isdir(local):
+            return dataclasses.replace(model, checkpoint=os.path.abspath(local))
+    return model
 
 
 def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[ModelConfig]:
     if isinstance(entry, str):
-        return [parse_model_name(entry, num_classes=num_classes, folder=folder)]
+        return [locate(parse_model_name(entry, num_classes=num_classes), folder)]
     if not isinstance(entry, dict):
         raise ExperimentError(f"{where}: expected a model name or a mapping, got {entry!r}")
     if "grid" in entry:
@@ -128,8 +136,7 @@ def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[Mode
         empty = [k for k, v in zip(keys, values) if not v]
         if empty:
             raise ExperimentError(f"{where}: grid.{empty[0]}=[]: give at least one value")
-        return [model_from_dict(family, _located(family, {"num_classes": num_classes, **dict(zip(keys, combo))},
-                                                 folder))
+        return [locate(model_from_dict(family, {"num_classes": num_classes, **dict(zip(keys, combo))}), folder)
                 for combo in itertools.product(*values)]
     fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     if "name" in entry and "family" in entry:
@@ -138,11 +145,11 @@ def _entry_models(where: str, entry, num_classes: int, folder: str) -> list[Mode
     if "name" in entry:
         # fields beside a name refine it (`{name: swin-tiny-ft, checkpoint: /path}`, `{name: hf:<id>, finetune:
         # true}`); the trial is named after the resulting config
-        return [model_from_name(entry["name"], fields, num_classes, folder)]
+        return [locate(model_from_name(entry["name"], fields, num_classes), folder)]
     family = entry.get("family")
     if family not in FAMILIES:
         raise ExperimentError(f"{where}: family={family!r} must be one of {sorted(FAMILIES)} (or give a name)")
-    return [model_from_dict(family, _located(family, {"num_classes": num_classes, **fields}, folder))]
+    return [locate(model_from_dict(family, {"num_classes": num_classes, **fields}), folder)]
 
 
 def _precisions(where: str, p) -> list[str]:
@@ -244,11 +251,10 @@ def _build(path, doc, epochs, dataset, data_dir, seeds, train_size, test_size, p
                  if isinstance(entry, dict) else entry)
         where = f"{path}: models[{i}]" + (f" ({label})" if label else "")
         if isinstance(entry, dict):
-            _check_keys(where, entry, ENTRY_KEYS | MODEL_FIELDS)
+            _check_keys(where, entry, ENTRY_KEYS | model_fields())
         try:
-            models = _entry_models(where, entry, num_classes, str(path.parent.resolve()))
-            for model in models:  # torchvision:, hf:, py: models run a test batch now, not in a trial
-                check_model(model)
+            # checked against what they name (torchvision:, hf:, py: models run a test batch now, not in a trial)
+            models = [check_model(m) for m in _entry_models(where, entry, num_classes, str(path.parent.resolve()))]
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
         entry_recipe = entry.get("recipe", {}) if isinstance(entry, dict) else {}

@@ -14,7 +14,7 @@ error, and the rest still run:
 - `study`: one epoch of every trial of the `seed` experiment alone on the GPU (synthetic data of CIFAR-100's
   size, random weights where pretrained ones would need a download): epoch time, images/s, measured peak memory
   against the estimate the grid sizes GPU shares with, and the GPU's busy fraction (NVML, else nvidia-smi)
-  during the training steps: the figures FULL_GPU_STEP_FLOPS (raybench/resources.py) is to be calibrated from;
+  during the training steps: the figures FULL_GPU_STEP_FLOPS (raybench/sizing.py) is to be calibrated from;
 - `grid`: `python -m raybench.grid --experiment smoke --gpus 1`: trials packed by their fractions, on CUDA.
 
 It writes report.md and report.json (and each part's log under logs/) into `--out` and prints the report's path
@@ -111,8 +111,9 @@ def check_names(parts: tuple[str, ...], models: list[str], study: str, study_onl
     from raybench.plan import select
     try:
         if "bench" in parts:
+            from raybench.models import check_model
             for m in models:
-                parse_model_name(m)
+                check_model(parse_model_name(m))
         if "study" in parts:
             select(load_experiment(study, dataset="synthetic"), study_only)
         if "grid" in parts:
@@ -140,7 +141,7 @@ def precision_of(rec: dict, device: str) -> str:
 
 def memory_estimate(spec) -> int:
     """The GPU memory estimate the grid sizes shares with (the one import of it here: it may move modules)."""
-    from raybench.resources import trial_memory_bytes
+    from raybench.sizing import trial_memory_bytes
     return trial_memory_bytes(spec)
 
 
@@ -407,8 +408,7 @@ def busy_fraction(samples: list[tuple[float, float]], start: float, end: float) 
 
 def study_row(trial_name: str, spec, rec: dict, sampler: BusySampler, device: str, reserved_mb: float) -> dict:
     from raybench.records import ERROR
-    from raybench.resources import FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
-    from raybench.train import CACHE_ON
+    from raybench.sizing import CACHE_ON, FULL_GPU_STEP_FLOPS, gpu_fraction, step_flops
     est_mb = memory_estimate(spec) / 2**20
     row = {"trial": trial_name, "model": spec.model.name, "family": spec.model.family,
            "batch_size": spec.recipe.batch_size, "images": spec.data.train_size, "device": rec.get("device", device),

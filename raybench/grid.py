@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 
+from raybench.configs import PRECISIONS
 from raybench.experiments import ExperimentError, builtin_experiments
 from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
-from raybench.resources import DEFAULT_GPU_MEMORY_GB
+from raybench.sizing import DEFAULT_GPU_MEMORY_GB
 
 
 SCHEDULERS = ("fifo", "asha")
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every trial's model; compile time is recorded apart from epoch time "
                         "(default: off)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="every trial's precision: auto is bf16 autocast where the device computes bf16 natively "
                         "(a CUDA GPU with bf16, a CPU with AVX-512-BF16 or AMX), else fp32 (default: the "
                         "experiment's, else auto)")
@@ -323,7 +324,7 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = Fa
     from ray import tune
     from raybench import recover
     from raybench.plan import write_run_record
-    from raybench.resources import max_concurrent
+    from raybench.sizing import max_concurrent
     from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows, watch_ray_logs_for_a_full_disk
     from raybench.trainable import StudyTrial
     if not plan.resume:
@@ -404,7 +405,7 @@ def make_scheduler(plan: RunPlan):
     return FifoOomRequeue()
 
 
-PHASES_PREFIX = "[grid] phases (s): "
+PHASES_FILE = "phases.json"  # where the run's wall time went, in the run folder (raybench.bench reads it)
 
 
 def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict | None = None) -> int:
@@ -426,9 +427,10 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict |
         phases = {"before_ray": m["start"] - t_start, "ray_start": m["ray_up"] - m["start"],
                   "tune_run": m["fit_done"] - m["ray_up"], "ray_shutdown": m["ray_down"] - m["fit_done"],
                   "report_and_analysis": m["end"] - m["ray_down"]}
-        phases = {k: round(v, 2) for k, v in phases.items()}
-        print(PHASES_PREFIX + json.dumps({**phases, "tune_run_started_at": m["ray_up"],
-                                          "tune_run_ended_at": m["fit_done"]}), flush=True)
+        phases = {**{k: round(v, 2) for k, v in phases.items()}, "tune_run_started_at": m["ray_up"],
+                  "tune_run_ended_at": m["fit_done"]}
+        (plan.run_dir / PHASES_FILE).write_text(json.dumps(phases))
+        print("[grid] phases (s): " + json.dumps(phases), flush=True)
     print(f"[grid] {time.time() - t_start:.0f} s in all; results: {plan.run_dir}")
     return 0 if writer.all_ok() else 1
 

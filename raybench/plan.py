@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raybench.configs import TrialSpec
 from raybench.experiments import Experiment, ExperimentError, load_experiment
-from raybench import resources as rr
+from raybench import sizing as rr
 from raybench.records import SCHEMA, SchemaError, check_schema
 
 # The settings a run keeps across --resume. Each is a grid flag whose parser default is None, so a flag given

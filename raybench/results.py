@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from raybench.configs import ResNetConfig, SwinConfig, TrialSpec, ViTConfig
+from raybench.configs import TrialSpec
 from raybench.recover import DiskFull, write_atomic
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
                               versions)
@@ -27,20 +27,17 @@ ENDED_WELL = (OK, STOPPED_EARLY)
 def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str = "") -> list[dict]:
     """One row per trial with everything known before training: config, complexity, resources, provenance."""
     from raybench.complexity import complexity
+    from raybench.models import FAMILIES, family_of
     rows, ver = [], versions()
     for s in specs:
         m, cx = s.model, complexity(s.model)
+        # every family's own columns (ViT knobs, ResNet stem, Swin size), filled by the trial's family
+        own = {col: None for f in FAMILIES.values() for col in f.columns}
+        own.update({col: value(m) for col, value in family_of(m).columns.items()})
         rows.append({
-            "trial": s.name, "model": m.name, "family": m.family, "recipe": s.recipe.name, "seed": s.seed,
-            "patch": m.patch if isinstance(m, ViTConfig) else None,
-            "dim": m.dim if isinstance(m, ViTConfig) else None,
-            "depth": m.depth if isinstance(m, ViTConfig) else None,
-            "heads": m.heads if isinstance(m, ViTConfig) else None,
-            "mlp_ratio": float(m.mlp_ratio) if isinstance(m, ViTConfig) else None,
-            "stem": m.stem if isinstance(m, ResNetConfig) else None,
+            "trial": s.name, "model": m.name, "family": m.family, "recipe": s.recipe.name, "seed": s.seed, **own,
             "pretrained": bool(getattr(m, "pretrained", False) or m.frozen_backbone),
             "finetune": m.frozen_backbone,
-            "swin_size": m.short if isinstance(m, SwinConfig) else None,
             "params": cx.params, "trainable_params": cx.trainable_params, "flops": float(cx.flops),
             "flops_source": cx.flops_source,
             "gflops": cx.gflops, "image_size": cx.input_size,

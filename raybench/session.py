@@ -194,7 +194,7 @@ def check_placement(resources: dict) -> tuple[bool, str | None]:
     autoscaler may add, can hold a trial; `note` says when a trial waits for the autoscaler."""
     import ray
     from raybench.experiments import ExperimentError
-    from raybench.resources import unfit
+    from raybench.sizing import unfit
     import time
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     status = autoscaler_status()

@@ -19,14 +19,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raybench.configs import (PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, add_model_args,
-                              default_recipe, model_from_args)
+from raybench.configs import PRECISIONS, ConfigError, DataSpec, ModelConfig, Recipe, TrialSpec, default_recipe
 from raybench.data import Dataset, epoch_indices, load_dataset, prepare
+from raybench.flags import add_model_args, model_from_args
+from raybench.sizing import (CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_ON, EVAL_BATCH, feature_cache_mode,
+                             input_side)
 
 from raybench.records import DIVERGED, OK, OOM, RUNNING
-EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
-CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
-    "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float:
@@ -38,16 +37,6 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float
         return r.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return r.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
-    """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
-    to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
-    if not spec.model.frozen_backbone:
-        return CACHE_OFF_NOT_FROZEN
-    if spec.recipe.augment:
-        return CACHE_OFF_AUGMENT
-    return CACHE_ON if enabled else CACHE_OFF_DISABLED
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -150,7 +139,7 @@ class Trial:
 
     # --- the steps of __init__, in the order they run ---
     def _load_data(self, spec: TrialSpec, dataset: Dataset | None) -> None:
-        from raybench.resources import input_side  # an image folder loads at the model's own input side
+        # an image folder loads at the model's own input side
         data = dataset or load_dataset(spec.data, spec.model.num_classes, input_side(spec))
         if data.num_classes != spec.model.num_classes:  # an image folder decides its own classes
             spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, num_classes=data.num_classes))

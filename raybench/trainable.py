@@ -20,12 +20,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raybench.configs import TrialSpec
 from raybench.records import OK, OOM, RUNNING
-from raybench.resources import allocator_fraction, next_share
+from raybench.sizing import allocator_fraction, next_share
 from raybench.train import Trial
 
 class TrialOutOfMemory(RuntimeError):
     """A trial ran out of GPU memory below a whole GPU: Tune retries it from its last checkpoint, and
-    OomRequeue gives the retry twice the share (raybench.resources.next_share)."""
+    OomRequeue gives the retry twice the share (raybench.sizing.next_share)."""
 
 
 # The dataset of the last trial this process built, by (DataSpec, classes, input side): a reused actor's next
@@ -35,7 +35,7 @@ _datasets: dict = {}
 
 def dataset_for(spec: TrialSpec):
     from raybench.data import load_dataset
-    from raybench.resources import input_side
+    from raybench.sizing import input_side
     key = (spec.data, spec.model.num_classes, input_side(spec))
     if key not in _datasets:
         _datasets.clear()  # one dataset held at a time: CIFAR-100 is 180 MB

@@ -82,7 +82,7 @@ def test_rows_say_their_precision_and_both_precisions_time_side_by_side(tiny_ben
 
 
 def test_the_compile_warm_up_set_ends_on_a_short_batch_like_a_real_trial():
-    from raybench.train import EVAL_BATCH
+    from raybench.sizing import EVAL_BATCH
     # the default CPU run (512 images, a test set of 102, batch 64) divides evenly; CIFAR-100's 50,000 do not
     assert bench.warm_up_sizes(512, 102, 64, 3) == (4 * 64 + 50_000 % 64, 102)
     n, n_test = bench.warm_up_sizes(10_000, 2_000, 64, 3)  # the default CUDA run: its own short batches

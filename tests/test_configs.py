@@ -52,8 +52,13 @@ def test_bad_recipe_and_data_values_are_rejected():
         ResNetConfig(stem="cifar", pretrained=True)
     with pytest.raises(ConfigError, match="model name 'vit-p4'"):
         parse_model_name("vit-p4")
+
+
+def test_configs_name_files_that_are_read_when_an_experiment_loads():
+    from raybench.models import check_model
+    scratch = SwinConfig("nosuch", finetune=False)  # constructing a config reads no file
     with pytest.raises(ConfigError, match="checkpoint='nosuch'.*config.json"):
-        SwinConfig("nosuch", finetune=False)
+        check_model(scratch)
 
 
 def test_trial_specs_round_trip_through_plain_dicts():
@@ -89,3 +94,15 @@ def test_precision_is_validated_serialised_and_named_only_when_set():
     assert TrialSpec.from_dict(old).precision == "auto"
     with pytest.raises(ConfigError, match=r"TrialSpec.precision='fp16': must be one of \['auto', 'bf16', 'fp32'\]"):
         TrialSpec(model, default_recipe("seed", model), precision="fp16")
+
+
+def test_constructing_configs_reads_nothing_and_imports_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys; from raybench.configs import *; "
+            "cfgs = [TorchvisionConfig('no_such_arch'), HFConfig('no-such/checkpoint'), "
+            "SwinConfig('/no/folder', False), parse_model_name('hf:./no-folder'), parse_model_name('py:mod:fn')]; "
+            "assert cfgs[1].image_size is None and cfgs[4].path is None; "
+            "assert not {'torch', 'torchvision', 'transformers'} & set(sys.modules), sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -123,7 +123,7 @@ OOM_CHILD = textwrap.dedent("""
     import torch
     from raybench.configs import DataSpec, Recipe, TrialSpec, ViTConfig
     from raybench.data import synthetic
-    from raybench.resources import CUDA_OVERHEAD_BYTES, allocator_fraction
+    from raybench.sizing import CUDA_OVERHEAD_BYTES, allocator_fraction
     from raybench.train import Trial
     total = torch.cuda.get_device_properties(0).total_memory
     cap_bytes = 512 * 2**20
@@ -195,7 +195,7 @@ def test_smoke_grid_on_one_gpu_packs_trials_by_their_fractions_on_cuda(tmp_path)
     spans = epochs.groupby("trial").agg(start=("started_at", "min"), end=("finished_at", "max"))
     assert max_at_once(list(zip(spans.start, spans.end))) >= 2, spans  # packed: trials ran side by side
     # each trial stayed under its allocator cap: its share of this GPU less the CUDA context's room
-    from raybench.resources import CUDA_OVERHEAD_BYTES
+    from raybench.sizing import CUDA_OVERHEAD_BYTES
     total = torch.cuda.get_device_properties(0).total_memory
     cap_mb = (trials.gpu_fraction * total - CUDA_OVERHEAD_BYTES) / 2**20
     assert (epochs.groupby("trial").peak_memory_mb.max() <= cap_mb).all()

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from conftest import grid_main, run_grid
-from raybench.complexity import complexity, count_flops, feature_dim, measure
+from raybench.complexity import complexity, count_flops, measure
 from raybench.configs import (ConfigError, DataSpec, HFConfig, PyConfig, Recipe, ResNetConfig, SwinConfig,
                               TorchvisionConfig, TrialSpec)
 from raybench.experiments import ExperimentError, load_experiment
 from raybench.models import build_model, check_model, check_weights
 from raybench.models.hub import WeightsUnavailable
+from raybench.sizing import feature_dim
 
 MODULE = "raybench_test_user_models"  # one name for the session: Python imports a module once
 
@@ -161,11 +162,22 @@ def test_torchvision_at_32px_is_counted_in_train_mode_as_in_eval_mode():
     assert (model.input_size, model.mean) == (32, None)  # from scratch: the dataset's own statistics
     assert model.classifier[-1].out_features == 10
     cx = complexity(cfg)
-    counted = measure(model, 32)  # the cross-check's count: eval mode, batch 1
+    counted = measure(model, 32)  # the cross-check: parameters and FLOPs counted on the model, torchinfo's mult-adds
     assert cx.params == counted["params"] == sum(p.numel() for p in model.parameters())
     assert cx.flops == counted["flops"] and cx.flops_by_part.keys() == {"convolution", "addmm"}
     model.eval()
     assert count_flops(model, 32) == cx.flops_by_part and not model.training  # counted in train mode, given back
+
+
+def test_an_hf_model_is_built_once_for_all_the_figures_a_plan_takes_from_it(tiny_vit_dir):
+    from raybench.models import measuring_model
+    from raybench.sizing import input_side, step_flops, trial_memory_bytes
+    model = check_model(HFConfig(str(tiny_vit_dir), scratch=True, num_classes=7))  # a config no test sized yet
+    spec = TrialSpec(model, Recipe(batch_size=16), DataSpec(train_size=64, test_size=32))
+    measuring_model.cache_clear()
+    assert trial_memory_bytes(spec) > 0 and step_flops(spec) > 0 and input_side(spec) == 32
+    assert feature_dim(model) == 32 and complexity(model).flops_source == "counted"
+    assert measuring_model.cache_info().misses == 1
 
 
 # --- the three kinds trained, checkpointed and resumed ------------------------------------------------------
@@ -250,8 +262,10 @@ def test_an_hf_folder_that_is_not_an_image_classifier_is_refused(tmp_path):
 
 
 def test_an_hf_model_trains_at_its_checkpoints_size(tiny_vit_dir):
+    assert HFConfig(str(tiny_vit_dir)).image_size is None  # constructing a config reads no checkpoint
+    assert check_model(HFConfig(str(tiny_vit_dir))).image_size == 32
     with pytest.raises(ConfigError, match="image_size=64: .* is trained at 32 px"):
-        HFConfig(str(tiny_vit_dir), image_size=64)
+        check_model(HFConfig(str(tiny_vit_dir), image_size=64))
 
 
 def test_pretrained_weights_offline_fail_fast_with_instructions(monkeypatch, tmp_path):

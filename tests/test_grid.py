@@ -80,7 +80,7 @@ def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert epochs.trial.nunique() == 2 and epochs.pid.nunique() == 1  # one actor process ran both trials
     from raybench.bench import grid_phases
-    phases = grid_phases(r.stdout, run_dir)
+    phases = grid_phases(run_dir)
     assert phases["actor_processes"] == 1 and phases["between_trials_n"] == 1
     total = float(re.search(r"\[grid\] (\d+) s in all", r.stdout).group(1))
     spent = sum(phases[k] for k in ("before_ray", "ray_start", "tune_run", "ray_shutdown", "report_and_analysis"))
@@ -148,10 +148,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_a
 
 
 def test_gpu_fraction_follows_compute_and_memory():
-    from raybench.complexity import activation_bytes_per_image
     import dataclasses
     from raybench.configs import DataSpec, Recipe, TrialSpec
-    from raybench.resources import MIN_FRACTION, gpu_fraction
+    from raybench.sizing import MIN_FRACTION, activation_bytes_per_image, gpu_fraction
     small = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec())
     deep = TrialSpec(dataclasses.replace(TINY_VIT, depth=4), Recipe(batch_size=64), DataSpec())
     assert activation_bytes_per_image(deep.model) > 3 * activation_bytes_per_image(small.model)
@@ -164,7 +163,7 @@ def test_gpu_fraction_follows_compute_and_memory():
 def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room_for_cuda(tiny_swin_dir):
     import dataclasses
     from raybench.configs import DataSpec, Recipe, SwinConfig, TrialSpec
-    from raybench.resources import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
+    from raybench.sizing import CUDA_OVERHEAD_BYTES, allocator_fraction, trial_memory_bytes
     vit = TrialSpec(TINY_VIT, Recipe(batch_size=64), DataSpec(train_size=1000, test_size=200))
     more = dataclasses.replace(vit, data=DataSpec(train_size=2000, test_size=200))
     assert trial_memory_bytes(more) - trial_memory_bytes(vit) == 1000 * 3 * 32 * 32  # uint8 images on the GPU
@@ -180,7 +179,7 @@ def test_memory_estimate_counts_data_and_cached_features_and_the_cap_leaves_room
 
 
 def test_gpus_on_a_cluster_caps_the_trials_running_at_once():
-    from raybench.resources import max_concurrent
+    from raybench.sizing import max_concurrent
     res = {"a": {"gpu": 1.0}, "b": {"gpu": 0.5}, "c": {"gpu": 0.25}, "d": {"gpu": 0.125}}
     assert max_concurrent(res, None) == 0  # no cap
     assert max_concurrent(res, 1) == 1  # the largest trial alone fills one GPU

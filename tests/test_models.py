@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODELS
-from raybench.configs import FAMILIES, ResNetConfig, SwinConfig, ViTConfig
-from raybench.models import WeightsUnavailable, build_model
+from raybench.complexity import complexity
+from raybench.configs import FAMILIES, HFConfig, ResNetConfig, SwinConfig, ViTConfig
+from raybench.models import FAMILIES as REGISTERED, WeightsUnavailable, build_model
 
 
 def test_fused_attention_matches_the_plain_softmax_path():
@@ -19,30 +19,52 @@ def test_fused_attention_matches_the_plain_softmax_path():
 
 def test_tiny_models_cover_every_built_in_family_and_variant(tiny_models):
     cfgs = tiny_models.values()
-    assert {c.family for c in cfgs} == set(FAMILIES)
+    assert {c.family for c in cfgs} == set(FAMILIES) == set(REGISTERED)  # every config class has its family
     assert {c.stem for c in cfgs if c.family == "resnet"} == {"cifar", "imagenet"}
     assert {c.finetune for c in cfgs if c.family == "swin"} == {True, False}
     assert {c.frozen_backbone for c in cfgs if c.family == "hf"} == {True, False}
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_every_family_maps_images_to_logits_and_trains_exactly_its_trainable_parameters(name, tiny_models):
-    cfg = tiny_models[name]
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    x = torch.randn(2, 3, model.input_size, model.input_size)
-    logits = model(x)
-    assert logits.shape == (2, cfg.num_classes)
-    loss = F.cross_entropy(logits, torch.tensor([0, 1]))
-    assert torch.isfinite(loss)
-    loss.backward()
-    params = dict(model.named_parameters())
-    # a frozen backbone (Swin, hf: fine-tune) trains the new head only; every other model trains everything
-    expected = {"hf.classifier.weight", "hf.classifier.bias"} if name in ("swin-ft", "hf-ft") else set(params)
-    assert {n for n, p in params.items() if p.requires_grad} == expected
-    assert {n for n, p in params.items() if p.grad is not None} == expected  # none on frozen parameters
-    assert all(torch.isfinite(params[n].grad).all() and params[n].grad.abs().sum() > 0 for n in expected), \
-        [n for n in expected if not params[n].grad.abs().sum() > 0]
+@pytest.mark.parametrize("family", REGISTERED)
+def test_every_registered_family_builds_counts_and_trains_exactly_its_trainable_parameters(family, tiny_models):
+    """timm's habit: every registered family, through its tiny test configs (conftest.tiny_models)."""
+    names = [n for n, c in tiny_models.items() if c.family == family]
+    assert names, f"family {family!r} has no tiny test config in conftest.tiny_models"
+    for name in names:
+        cfg = tiny_models[name]
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        cx = complexity(cfg)
+        assert (cx.params, cx.trainable_params) == (sum(p.numel() for p in model.parameters()),
+                                                    sum(p.numel() for p in model.parameters() if p.requires_grad))
+        assert cx.flops > 0 and cx.input_size == model.input_size
+        x = torch.randn(2, 3, model.input_size, model.input_size)
+        logits = model(x)
+        assert logits.shape == (2, cfg.num_classes)
+        loss = F.cross_entropy(logits, torch.tensor([0, 1]))
+        assert torch.isfinite(loss)
+        loss.backward()
+        params = dict(model.named_parameters())
+        # a frozen backbone (Swin, hf: fine-tune) trains the new head only; every other model trains everything
+        expected = {"hf.classifier.weight", "hf.classifier.bias"} if name in ("swin-ft", "hf-ft") else set(params)
+        assert {n for n, p in params.items() if p.requires_grad} == expected
+        assert {n for n, p in params.items() if p.grad is not None} == expected  # none on frozen parameters
+        assert all(torch.isfinite(params[n].grad).all() and params[n].grad.abs().sum() > 0 for n in expected), \
+            [n for n in expected if not params[n].grad.abs().sum() > 0]
+
+
+def test_a_family_registers_once():
+    from raybench.models.registry import register
+    with pytest.raises(ValueError, match="'vit' is registered twice"):
+        register(REGISTERED["vit"])
+
+
+def test_swin_is_the_hf_classifier_with_swin_presets(tiny_swin_dir):
+    swin, hf = (build_model(cfg) for cfg in (SwinConfig(tiny_swin_dir, finetune=True, num_classes=10),
+                                              HFConfig(tiny_swin_dir, finetune=True, num_classes=10)))
+    assert type(swin) is type(hf) and (swin.input_size, swin.mean, swin.std) == (hf.input_size, hf.mean, hf.std)
+    torch.testing.assert_close(swin.hf.swin.embeddings.patch_embeddings.projection.weight,
+                               hf.hf.swin.embeddings.patch_embeddings.projection.weight)
 
 
 def test_swin_fine_tune_loads_through_from_pretrained_and_freezes_the_backbone(tiny_swin_dir):

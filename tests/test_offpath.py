@@ -185,7 +185,7 @@ def write_image_folder(root: Path, side: int, per_class: int, classes=("a", "b")
 def test_an_image_folder_loads_at_the_model_input_side_and_counts_in_the_memory_estimate(tmp_path):
     import dataclasses
     from raybench.configs import DataSpec, Recipe, TrialSpec
-    from raybench.resources import trial_memory_bytes
+    from raybench.sizing import trial_memory_bytes
     from raybench.train import Trial
     small = write_image_folder(tmp_path / "small", 64, 3)
     large = write_image_folder(tmp_path / "large", 64, 8)
@@ -203,7 +203,7 @@ def test_the_seed_study_fits_four_gpus_because_cached_fine_tunes_are_charged_for
     whole seed study asks for at most the 4 GPUs it is run with (it asked for 5.125 when the fine-tunes were
     charged a backbone forward per step)."""
     from raybench.experiments import load_experiment
-    from raybench.resources import MIN_FRACTION, gpu_fraction, step_flops
+    from raybench.sizing import MIN_FRACTION, gpu_fraction, step_flops
     trials = {t.name: t for t in load_experiment("seed").trials}
     shares = {name: gpu_fraction(t) for name, t in trials.items()}
     assert shares["swin-tiny-ft-seed"] == shares["swin-small-ft-seed"] == MIN_FRACTION

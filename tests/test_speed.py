@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_VIT
 from raybench.configs import DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
-from raybench.train import CACHE_OFF_AUGMENT, CACHE_OFF_DISABLED, CACHE_OFF_NOT_FROZEN, CACHE_ON, Trial
+from raybench.sizing import CACHE_OFF_AUGMENT, CACHE_OFF_DISABLED, CACHE_OFF_NOT_FROZEN, CACHE_ON
+from raybench.train import Trial
 from raybench.train import compile_warm_up
 
 

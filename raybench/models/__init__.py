@@ -4,61 +4,47 @@ Each model carries `input_size` (the side it expects; the trainer resizes to it)
 (None: normalise with the dataset's own statistics; else the pretrained weights' statistics). Models with a
 backbone/head split (Swin, hf:, py: models that define one) also carry `forward_features(x)` and
 `forward_head(features)`, which the trainer uses to cache a frozen backbone's features.
+
+Every family is registered by its own module (raybench.models.registry); nothing here asks which family a
+config is.
 """
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
-from raybench.configs import (ConfigError, HFConfig, ModelConfig, PyConfig, ResNetConfig, SwinConfig,
-                              TorchvisionConfig, ViTConfig)
+from raybench.configs import ConfigError, ModelConfig
 from raybench.models.hub import WeightsUnavailable  # noqa: F401  (re-exported for callers)
+from raybench.models.registry import FAMILIES, Family, family_of  # noqa: F401  (re-exported for callers)
+
+# The registered families: each module registers its own when imported here.
+from raybench.models import vit  # noqa: E402,F401
+from raybench.models import resnet  # noqa: E402,F401
+from raybench.models import swin  # noqa: E402,F401
+from raybench.models import tv  # noqa: E402,F401
+from raybench.models import hf  # noqa: E402,F401
+from raybench.models import py  # noqa: E402,F401
 
 
 def build_model(cfg: ModelConfig, weights: bool = True) -> nn.Module:
     """`weights=False`: pretrained configs get their architecture with random weights (for complexity checks)."""
-    if isinstance(cfg, ViTConfig):
-        from raybench.models.vit import ViT
-        model = ViT(cfg)
-        model.input_size, model.mean, model.std = cfg.image_size, None, None
-    elif isinstance(cfg, ResNetConfig):
-        from raybench.models.resnet import build_resnet
-        from torchvision.models import ResNet18_Weights
-        model = build_resnet(cfg, weights)
-        t = ResNet18_Weights.IMAGENET1K_V1.transforms()
-        model.input_size = cfg.image_size
-        model.mean, model.std = (tuple(t.mean), tuple(t.std)) if cfg.pretrained else (None, None)
-    elif isinstance(cfg, SwinConfig):
-        from raybench.models.swin import build_swin
-        model = build_swin(cfg, weights)
-    elif isinstance(cfg, TorchvisionConfig):
-        from raybench.models.tv import build_torchvision
-        model = build_torchvision(cfg, weights)
-    elif isinstance(cfg, HFConfig):
-        from raybench.models.hf import build_hf
-        model = build_hf(cfg, weights)
-    elif isinstance(cfg, PyConfig):
-        from raybench.models.py import build_py
-        model = build_py(cfg, weights)
-    else:
-        raise TypeError(f"build_model: unsupported config {cfg!r}")
-    return model
+    return family_of(cfg).build(cfg, weights)
+
+
+@functools.lru_cache(maxsize=1)
+def measuring_model(cfg: ModelConfig) -> nn.Module:
+    """`cfg` built to be measured or checked: random weights, the caller's seeded RNG stream left as it was.
+    The last one is kept, so the figures taken from one config in a row (the load-time test batch, counted FLOPs,
+    feature width, training and evaluation memory) build it once. Callers set the mode they measure in."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg, weights=False)
 
 
 def check_weights(cfg: ModelConfig) -> None:
     """Raise WeightsUnavailable now if building `cfg` would need pretrained weights that cannot be had."""
-    err = None
-    if isinstance(cfg, ResNetConfig) and cfg.pretrained:
-        from raybench.models.resnet import weights_unavailable
-        err = weights_unavailable()
-    elif isinstance(cfg, SwinConfig) and cfg.finetune:
-        from raybench.models.swin import hub_unavailable
-        err = hub_unavailable(cfg.checkpoint)
-    elif isinstance(cfg, TorchvisionConfig) and cfg.pretrained:
-        from raybench.models.tv import weights_problem
-        err = weights_problem(cfg)
-    elif isinstance(cfg, HFConfig):  # scratch too: its architecture is read from the checkpoint's config
-        from raybench.models.hf import hub_unavailable as hf_hub_unavailable
-        err = hf_hub_unavailable(cfg.checkpoint)
+    err = family_of(cfg).weights_problem(cfg)
     if err:
         raise err
 
@@ -69,17 +55,20 @@ def _describe(out) -> str:
     return f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
 
 
-def check_model(cfg: ModelConfig) -> None:
-    """Build a torchvision:, hf: or py: model once (random weights) and run a test batch in train and eval mode:
-    a model that does not build, or does not map (2, 3, S, S) to (2, classes) logits, is refused when the
-    experiment loads, not in a trial. A frozen backbone must also give forward_head(forward_features(x)) ==
-    forward(x). An hf: checkpoint whose config cannot be read here is left to check_weights."""
-    if not isinstance(cfg, (TorchvisionConfig, HFConfig, PyConfig)) or cfg.image_size is None:
-        return
+def check_model(cfg: ModelConfig) -> ModelConfig:
+    """The config checked against what it names, and completed (an hf: checkpoint's input size): run when an
+    experiment loads and by the CLIs, never by a config's construction. A torchvision:, hf: or py: model is
+    also built once (random weights) and runs a test batch in train and eval mode: a model that does not build,
+    or does not map (2, 3, S, S) to (2, classes) logits, is refused when the experiment loads, not in a trial.
+    A frozen backbone must also give forward_head(forward_features(x)) == forward(x). An hf: checkpoint whose
+    config cannot be read here is left to check_weights."""
+    family = family_of(cfg)
+    cfg = family.check(cfg)
+    if not family.test_batch or cfg.image_size is None:
+        return cfg
     import torch
     try:
-        with torch.random.fork_rng(devices=[]):  # the caller's seeded stream stays as it was
-            model = build_model(cfg, weights=False)
+        model = measuring_model(cfg)
     except ConfigError:
         raise
     except Exception as e:
@@ -104,3 +93,4 @@ def check_model(cfg: ModelConfig) -> None:
             raise ConfigError(f"{cfg.name}: forward_head(forward_features(x)) differs from forward(x) (by up to "
                               f"{(split - out).abs().max().item():.3g}): the frozen backbone's cached features "
                               "would train a different model")
+    return cfg

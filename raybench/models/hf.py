@@ -1,24 +1,21 @@
 """Any Hugging Face image classifier (`AutoModelForImageClassification`), head replaced for `num_classes`:
-pretrained, pretrained with a frozen backbone, or the checkpoint's architecture from scratch."""
+pretrained, pretrained with a frozen backbone, or the checkpoint's architecture from scratch. The one classifier
+wrapper (HFClassifier) and loading path every HF model takes, Swin's presets (raybench.models.swin) included."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 from torch import nn
 
 from raybench.configs import ConfigError, HFConfig
-from raybench.models.hub import WeightsUnavailable, hf_unavailable
+from raybench.models.hub import WeightsUnavailable, hf_unavailable, local_folder
+from raybench.models.registry import Family, register
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HEADS = ("classifier", "head")  # where HF's image classifiers keep the final layer (ViT, DeiT, Swin, ConvNeXt...)
-
-
-def _local(checkpoint: str) -> str | None:
-    path = os.path.expanduser(checkpoint)
-    return path if Path(path).is_dir() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,9 +25,9 @@ def read_config(checkpoint: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES
     try:
-        cfg = AutoConfig.from_pretrained(_local(checkpoint) or checkpoint, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(local_folder(checkpoint) or checkpoint, local_files_only=True)
     except (OSError, ValueError) as e:
-        if _local(checkpoint):  # a folder, but no readable config.json in it
+        if local_folder(checkpoint):  # a folder, but no readable config.json in it
             raise ConfigError(f"hf:{checkpoint}: the folder holds no readable config.json "
                               f"({str(e).splitlines()[0]}); write one with save_pretrained") from None
         return None
@@ -41,12 +38,13 @@ def read_config(checkpoint: str):
     return cfg
 
 
-def _preprocessor(checkpoint: str) -> dict:
+def _preprocessor(checkpoint: str | None) -> dict:
+    """The checkpoint's preprocessor_config.json from its folder or the HF cache, else {}."""
     from transformers.utils import cached_file
     try:
-        path = cached_file(_local(checkpoint) or checkpoint, "preprocessor_config.json", local_files_only=True,
-                           _raise_exceptions_for_missing_entries=False)
-    except OSError:
+        path = checkpoint and cached_file(local_folder(checkpoint) or checkpoint, "preprocessor_config.json",
+                                          local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # not cached, or not a hub id at all
         path = None
     return json.loads(Path(path).read_text()) if path else {}
 
@@ -78,8 +76,19 @@ def checkpoint_image_size(checkpoint: str) -> int | None:
     return size
 
 
-def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
-    return hf_unavailable(checkpoint, "Hugging Face", "AutoModelForImageClassification")
+def with_image_size(cfg: HFConfig) -> HFConfig:
+    """The config with its checkpoint's input size: the checkpoint decides it. An id neither cached nor local
+    leaves it unknown here; the grid's preflight refuses such a model before Ray starts (check_weights)."""
+    size = checkpoint_image_size(cfg.checkpoint)
+    if size is not None and cfg.image_size not in (None, size):
+        raise ConfigError(f"HFConfig.image_size={cfg.image_size}: {cfg.checkpoint} is trained at {size} "
+                          "px and raybench trains it there; leave image_size out")
+    return cfg if size is None else dataclasses.replace(cfg, image_size=size)
+
+
+def hub_unavailable(checkpoint: str, what: str = "Hugging Face",
+                    loader: str = "AutoModelForImageClassification") -> WeightsUnavailable | None:
+    return hf_unavailable(checkpoint, what, loader)
 
 
 class HFClassifier(nn.Module):
@@ -129,43 +138,56 @@ class HFClassifier(nn.Module):
         return self.hf(pixel_values=x).logits
 
 
-def _architecture(cfg: HFConfig):
-    conf = read_config(cfg.checkpoint)
+def architecture(checkpoint: str, num_classes: int):
+    """The checkpoint's config (folder or cache) with a `num_classes` head: its own labels go."""
+    conf = read_config(checkpoint)
     if conf is None:
-        err = hub_unavailable(cfg.checkpoint)
-        raise err or WeightsUnavailable(f"hf:{cfg.checkpoint}: its config is not in the Hugging Face cache")
+        err = hub_unavailable(checkpoint)
+        raise err or WeightsUnavailable(f"hf:{checkpoint}: its config is not in the Hugging Face cache")
     fields = {k: v for k, v in conf.to_dict().items() if k not in ("id2label", "label2id")}
-    return type(conf).from_dict({**fields, "num_labels": cfg.num_classes})  # the checkpoint's labels go
+    return type(conf).from_dict({**fields, "num_labels": num_classes})
 
 
-def load_pretrained(cfg: HFConfig):
+def load_pretrained(checkpoint: str, num_classes: int, what: str = "Hugging Face",
+                    loader: str = "AutoModelForImageClassification"):
     """`from_pretrained` with the classifier replaced for `num_classes`; the folder or cache first, the network
-    only when it can be reached (an offline machine fails at once, with instructions)."""
+    only when it can be reached (an offline machine fails at once, with instructions naming `what` and `loader`)."""
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    checkpoint = cfg.checkpoint
-    if _local(checkpoint) or read_config(checkpoint) is not None:  # in the folder or the cache
+    hf_logging.disable_progress_bar()  # one bar per shard and per load buries the study's own progress lines
+    local = local_folder(checkpoint)
+    if local or read_config(checkpoint) is not None:  # in the folder or the cache
         return AutoModelForImageClassification.from_pretrained(
-            _local(checkpoint) or checkpoint, config=_architecture(cfg), ignore_mismatched_sizes=True,
-            local_files_only=not _local(checkpoint))
-    err = hub_unavailable(checkpoint)
+            local or checkpoint, config=architecture(checkpoint, num_classes), ignore_mismatched_sizes=True,
+            local_files_only=not local)
+    err = hub_unavailable(checkpoint, what, loader)
     if err:
         raise err
-    return AutoModelForImageClassification.from_pretrained(checkpoint, num_labels=cfg.num_classes,
+    return AutoModelForImageClassification.from_pretrained(checkpoint, num_labels=num_classes,
                                                            ignore_mismatched_sizes=True)
+
+
+def classifier(hf_model, frozen: bool, input_size: int, checkpoint: str | None) -> HFClassifier:
+    """The HF model wrapped, with the input side and the statistics its weights were trained with: the
+    checkpoint's preprocessor's where it has one, else ImageNet's (the checkpoints raybench names use them)."""
+    model = HFClassifier(hf_model, frozen)
+    pre = _preprocessor(checkpoint)
+    model.input_size = input_size
+    model.mean = tuple(pre.get("image_mean", IMAGENET_MEAN))
+    model.std = tuple(pre.get("image_std", IMAGENET_STD))
+    return model
 
 
 def build_hf(cfg: HFConfig, weights: bool = True) -> HFClassifier:
     """`weights=False` (or scratch): the checkpoint's architecture with random weights."""
     from transformers import AutoModelForImageClassification
     if cfg.scratch or not weights:
-        hf = AutoModelForImageClassification.from_config(_architecture(cfg))
+        hf = AutoModelForImageClassification.from_config(architecture(cfg.checkpoint, cfg.num_classes))
     else:
-        hf = load_pretrained(cfg)
-    model = HFClassifier(hf, frozen=cfg.finetune)
-    pre = _preprocessor(cfg.checkpoint)
-    model.input_size = cfg.image_size or checkpoint_image_size(cfg.checkpoint)
-    model.mean = tuple(pre.get("image_mean", IMAGENET_MEAN))
-    model.std = tuple(pre.get("image_std", IMAGENET_STD))
-    return model
+        hf = load_pretrained(cfg.checkpoint, cfg.num_classes)
+    return classifier(hf, cfg.finetune, cfg.image_size or checkpoint_image_size(cfg.checkpoint), cfg.checkpoint)
+
+
+# scratch too: its architecture is read from the checkpoint's config
+register(Family(HFConfig, build_hf, check=with_image_size, test_batch=True,
+                weights_problem=lambda c: hub_unavailable(c.checkpoint)))

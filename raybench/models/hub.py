@@ -21,6 +21,12 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def local_folder(checkpoint: str) -> str | None:
+    """The folder a checkpoint names (`~` expanded), or None when it names none here (a hub id)."""
+    path = os.path.expanduser(checkpoint)
+    return path if Path(path).is_dir() else None
+
+
 def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -29,7 +35,7 @@ def hf_unavailable(checkpoint: str, what: str, loader: str) -> WeightsUnavailabl
     """Why the Hugging Face `checkpoint` can be neither read from the cache nor downloaded, or None when it can.
 
     `what` names the model in the message (Swin, ...), `loader` the transformers class that loads it."""
-    if Path(os.path.expanduser(checkpoint)).is_dir():
+    if local_folder(checkpoint):
         return None
     if checkpoint.startswith(("/", "./", "../", "~")):
         return WeightsUnavailable(f"{what} checkpoint {checkpoint!r} looks like a folder, but there is no folder "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from raybench.configs import ConfigError, PyConfig
+from raybench.models.registry import Family, register
 
 
 def load_function(cfg: PyConfig):
@@ -110,3 +111,6 @@ def build_py(cfg: PyConfig, weights: bool = True) -> PyModel:
     model = (PySplitModel if split else PyModel)(inner, cfg.finetune, cfg.image_size)
     model.input_size, model.mean, model.std = cfg.image_size, None, None
     return model
+
+
+register(Family(PyConfig, build_py, test_batch=True))

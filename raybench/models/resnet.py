@@ -9,6 +9,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from raybench.configs import ResNetConfig
 from raybench.models.hub import WeightsUnavailable, reachable
+from raybench.models.registry import Complexity, Family, register
 
 
 def torchvision_weights_path(weights=ResNet18_Weights.IMAGENET1K_V1) -> Path:
@@ -30,7 +31,9 @@ def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1, what: str = "Res
     return None
 
 
-def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
+def pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
+    """torchvision's `weights` as a state dict, from its cache or downloaded; refused with instructions when
+    neither can be had."""
     err = weights_unavailable(weights)
     if err:
         raise err
@@ -40,10 +43,11 @@ def _pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
 
 
 def build_resnet(cfg: ResNetConfig, weights: bool = True) -> nn.Module:
+    """`weights=False`: a pretrained config's architecture with random weights (complexity needs no download)."""
     model = resnet18()
     if cfg.pretrained:
         if weights:
-            model.load_state_dict(_pretrained_state())
+            model.load_state_dict(pretrained_state())
         model.fc = nn.Linear(model.fc.in_features, cfg.num_classes)
     else:
         model = resnet18(num_classes=cfg.num_classes)
@@ -51,4 +55,48 @@ def build_resnet(cfg: ResNetConfig, weights: bool = True) -> nn.Module:
         # 32x32 inputs: a 7x7/2 conv plus max-pool would shrink them to 8x8 before the first block.
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
+    t = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    model.input_size = cfg.image_size
+    model.mean, model.std = (tuple(t.mean), tuple(t.std)) if cfg.pretrained else (None, None)
     return model
+
+
+# --- closed-form complexity (torchvision BasicBlock layout) ------------------------------------------------
+
+def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def resnet18_complexity(c: ResNetConfig) -> Complexity:
+    S = c.image_size
+    params, macs = 0, {"stem": 0, "blocks": 0, "downsample": 0, "head": 0}
+    if c.stem == "cifar":
+        S = _conv_out(S, 3, 1, 1)
+        macs["stem"] = S * S * 3 * 64 * 9
+        params += 3 * 64 * 9 + 2 * 64
+    else:
+        S = _conv_out(S, 7, 2, 3)
+        macs["stem"] = S * S * 3 * 64 * 49
+        params += 3 * 64 * 49 + 2 * 64
+        S = _conv_out(S, 3, 2, 1)  # max-pool
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for b in range(2):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            S_out = _conv_out(S, 3, stride, 1)
+            macs["blocks"] += S_out * S_out * 9 * (cin * cout + cout * cout)
+            params += 9 * (cin * cout + cout * cout) + 2 * 2 * cout
+            if stride != 1 or cin != cout:  # 1x1 projection shortcut + its BatchNorm
+                macs["downsample"] += S_out * S_out * cin * cout
+                params += cin * cout + 2 * cout
+            S, cin = S_out, cout
+    macs["head"] = 512 * c.num_classes
+    params += 512 * c.num_classes + c.num_classes
+    flops = {k: 2 * v for k, v in macs.items()}
+    trainable = params
+    return Complexity(c.name, params, trainable, sum(flops.values()), c.image_size, flops)
+
+
+register(Family(ResNetConfig, build_resnet, closed_form=resnet18_complexity, feature_dim=lambda c: 512,  # pooled
+                weights_problem=lambda c: weights_unavailable() if c.pretrained else None,
+                columns={"stem": lambda c: c.stem}))

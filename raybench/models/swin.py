@@ -1,88 +1,64 @@
-"""Swin Transformers from Hugging Face: pretrained with a new head and a frozen backbone, or from scratch."""
+"""Swin Transformers: the Hugging Face classifier path (raybench.models.hf) with Swin presets, so Swin-Tiny and
+Small from scratch and their complexity figures need no download. Fine-tuned: pretrained weights, a new head, a
+frozen backbone; from scratch: the architecture with random weights."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from raybench.configs import SWIN_ARCHS, SWIN_MICRO, SwinConfig
-from raybench.models.hub import WeightsUnavailable, hf_unavailable
+from raybench.configs import SWIN_ARCHS, SWIN_MICRO, ConfigError, SwinConfig
+from raybench.models import hf
+from raybench.models.hub import WeightsUnavailable, local_folder
+from raybench.models.registry import Complexity, Family, register
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class SwinClassifier(nn.Module):
-    """Images -> logits, like every raybench model; hides HF's output object from the trainer."""
-
-    def __init__(self, hf_model, frozen: bool):
-        super().__init__()
-        self.hf = hf_model
-        self.frozen = frozen
-        if frozen:
-            for p in self.hf.swin.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            # A frozen backbone stays in eval mode: no drop-path noise, and its features can be cached.
-            self.hf.swin.eval()
-        return self
-
-    def forward_features(self, x):  # (B, 3, S, S) -> (B, C) pooled
-        return self.hf.swin(pixel_values=x).pooler_output
-
-    def forward_head(self, f):
-        return self.hf.classifier(f)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+LOADER = "SwinForImageClassification"
 
 
-def _is_local(checkpoint: str) -> bool:
-    return Path(os.path.expanduser(checkpoint)).is_dir()
-
-
-def _hf_config(cfg: SwinConfig):
-    from transformers import SwinConfig as HFSwinConfig
-    if cfg.checkpoint in SWIN_ARCHS:
-        arch = SWIN_ARCHS[cfg.checkpoint]
-        return HFSwinConfig(**{**arch, "depths": list(arch["depths"]), "num_heads": list(arch["num_heads"])},
-                            num_labels=cfg.num_classes)
-    return HFSwinConfig.from_pretrained(os.path.expanduser(cfg.checkpoint), num_labels=cfg.num_classes)
-
-
-def load_pretrained(checkpoint: str, num_classes: int):
-    """`SwinForImageClassification.from_pretrained` with the classifier replaced for `num_classes`.
-
-    The local cache (or folder) is tried first; the network only when it can be reached, so an offline
-    machine fails in seconds with instructions instead of hanging in retries."""
-    from transformers import SwinForImageClassification
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # one bar per shard and per load buries the study's own progress lines
-    if checkpoint == SWIN_MICRO:
-        checkpoint = random_checkpoint(SWIN_MICRO)
-    path = os.path.expanduser(checkpoint)
-    kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True)
-    if _is_local(path):
-        return SwinForImageClassification.from_pretrained(path, **kw)
-    try:
-        return SwinForImageClassification.from_pretrained(checkpoint, local_files_only=True, **kw)
-    except OSError:
-        pass
-    err = hub_unavailable(checkpoint)
-    if err:
-        raise err
-    return SwinForImageClassification.from_pretrained(checkpoint, **kw)
+def check_checkpoint(cfg: SwinConfig) -> SwinConfig:
+    """From scratch, the architecture comes from the built-in presets or a folder's config.json."""
+    folder = local_folder(cfg.checkpoint)
+    if not cfg.finetune and cfg.checkpoint not in SWIN_ARCHS and not (folder and Path(folder, "config.json").is_file()):
+        raise ConfigError(f"SwinConfig.checkpoint={cfg.checkpoint!r}: from-scratch Swin needs a known "
+                          f"architecture ({', '.join(SWIN_ARCHS)}) or a local folder with config.json")
+    return cfg
 
 
 def hub_unavailable(checkpoint: str) -> WeightsUnavailable | None:
     """Why `checkpoint` can be neither read from the cache nor downloaded, or None when it can be loaded."""
     if checkpoint == SWIN_MICRO:
         return None
-    return hf_unavailable(checkpoint, "Swin", "SwinForImageClassification")
+    return hf.hub_unavailable(checkpoint, "Swin", LOADER)
+
+
+def arch(cfg: SwinConfig) -> dict:
+    """The architecture fields of a Swin config: a preset for the study's checkpoints, else config.json."""
+    if cfg.checkpoint in SWIN_ARCHS:
+        return dict(SWIN_ARCHS[cfg.checkpoint])
+    from transformers import SwinConfig as HFSwinConfig
+    err = hub_unavailable(cfg.checkpoint)
+    if err:
+        raise err
+    try:
+        h = HFSwinConfig.from_pretrained(os.path.expanduser(cfg.checkpoint))
+    except OSError as e:
+        raise WeightsUnavailable(f"Swin checkpoint {cfg.checkpoint!r}: its config.json cannot be read "
+                                 f"({str(e).splitlines()[0]}); built-in: {', '.join(SWIN_ARCHS)}, or a folder "
+                                 "written by save_pretrained") from None
+    return dict(embed_dim=h.embed_dim, depths=tuple(h.depths), num_heads=tuple(h.num_heads),
+                window_size=h.window_size, patch_size=h.patch_size, image_size=h.image_size,
+                mlp_ratio=h.mlp_ratio)
+
+
+def _hf_config(cfg: SwinConfig):
+    from transformers import SwinConfig as HFSwinConfig
+    if cfg.checkpoint in SWIN_ARCHS:
+        a = SWIN_ARCHS[cfg.checkpoint]
+        return HFSwinConfig(**{**a, "depths": list(a["depths"]), "num_heads": list(a["num_heads"])},
+                            num_labels=cfg.num_classes)
+    return HFSwinConfig.from_pretrained(os.path.expanduser(cfg.checkpoint), num_labels=cfg.num_classes)
 
 
 def random_checkpoint(checkpoint: str) -> str:
@@ -102,27 +78,58 @@ def random_checkpoint(checkpoint: str) -> str:
     return str(path)
 
 
-def preprocessing(checkpoint: str, hf_config) -> tuple[int, tuple, tuple]:
-    """(image_size, mean, std) the checkpoint was trained with, read from its preprocessor config when present."""
-    size, mean, std = int(hf_config.image_size), IMAGENET_MEAN, IMAGENET_STD
-    try:
-        from transformers import AutoImageProcessor
-        if checkpoint == SWIN_MICRO:
-            raise LookupError("random micro Swin: no preprocessor config")
-        proc = AutoImageProcessor.from_pretrained(os.path.expanduser(checkpoint), local_files_only=True)
-        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-    except Exception:
-        pass  # the microsoft/swin-* checkpoints use ImageNet statistics, and tiny test folders carry none
-    return size, mean, std
-
-
-def build_swin(cfg: SwinConfig, weights: bool = True) -> SwinClassifier:
+def build_swin(cfg: SwinConfig, weights: bool = True) -> hf.HFClassifier:
     """`weights=False` builds the same architecture with random weights (complexity checks need no download)."""
     if cfg.finetune and weights:
-        hf = load_pretrained(cfg.checkpoint, cfg.num_classes)
+        checkpoint = random_checkpoint(SWIN_MICRO) if cfg.checkpoint == SWIN_MICRO else cfg.checkpoint
+        model = hf.load_pretrained(checkpoint, cfg.num_classes, "Swin", LOADER)
     else:
         from transformers import SwinForImageClassification
-        hf = SwinForImageClassification(_hf_config(cfg))
-    model = SwinClassifier(hf, frozen=cfg.finetune)
-    model.input_size, model.mean, model.std = preprocessing(cfg.checkpoint, hf.config)
-    return model
+        model = SwinForImageClassification(_hf_config(cfg))
+    # the random micro Swin has no preprocessor config: ImageNet's statistics, as the microsoft/swin-* use
+    return hf.classifier(model, cfg.finetune, int(model.config.image_size),
+                         None if cfg.checkpoint == SWIN_MICRO else cfg.checkpoint)
+
+
+# --- closed-form complexity (Hugging Face SwinForImageClassification layout) ----------------------------------
+
+def swin_complexity(c: SwinConfig) -> Complexity:
+    a = arch(c)
+    P, S, w0 = a["patch_size"], a["image_size"], a["window_size"]
+    C = a["embed_dim"]
+    R = S // P  # token grid side after patch embedding
+    params = (3 * P * P * C + C) + 2 * C  # patch conv + its LayerNorm
+    macs = {"embed": R * R * 3 * P * P * C, "attn_qkv": 0, "attn_matmul": 0, "attn_proj": 0, "mlp": 0,
+            "merge": 0, "head": 0}
+    n_stages = len(a["depths"])
+    for i, (depth, heads) in enumerate(zip(a["depths"], a["num_heads"])):
+        w = min(w0, R)  # HF shrinks the window to the resolution when the map is smaller than a window
+        Rp = math.ceil(R / w) * w  # attention runs on the map padded to whole windows
+        hidden = int(a["mlp_ratio"] * C)
+        N, Np = R * R, Rp * Rp
+        params += depth * (2 * C + (3 * C * C + 3 * C) + (2 * w - 1) ** 2 * heads + (C * C + C) + 2 * C
+                           + (C * hidden + hidden) + (hidden * C + C))
+        macs["attn_qkv"] += depth * Np * 3 * C * C
+        macs["attn_matmul"] += depth * 2 * Np * w * w * C
+        macs["attn_proj"] += depth * Np * C * C
+        macs["mlp"] += depth * 2 * N * C * hidden
+        if i < n_stages - 1:  # patch merging: LayerNorm(4C) + Linear(4C -> 2C, no bias)
+            params += 2 * 4 * C + 4 * C * 2 * C
+            R = (R + 1) // 2
+            macs["merge"] += R * R * 4 * C * 2 * C
+            C *= 2
+    head = C * c.num_classes + c.num_classes
+    params += 2 * C + head  # final LayerNorm + classifier
+    macs["head"] = C * c.num_classes
+    flops = {k: 2 * v for k, v in macs.items()}
+    return Complexity(c.name, params, head if c.frozen_backbone else params, sum(flops.values()), S, flops)
+
+
+def feature_dim(c: SwinConfig) -> int:
+    a = arch(c)
+    return a["embed_dim"] * 2 ** (len(a["depths"]) - 1)  # pooled width after the last stage
+
+
+register(Family(SwinConfig, build_swin, closed_form=swin_complexity, feature_dim=feature_dim,
+                check=check_checkpoint, weights_problem=lambda c: hub_unavailable(c.checkpoint) if c.finetune else None,
+                columns={"swin_size": lambda c: c.short}))

@@ -5,9 +5,24 @@ from torch import nn
 
 from raybench.configs import ConfigError, TorchvisionConfig
 from raybench.models.hub import WeightsUnavailable
-from raybench.models.resnet import _pretrained_state, weights_unavailable
+from raybench.models.registry import Family, register
+from raybench.models.resnet import pretrained_state, weights_unavailable
 
 AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}  # training-only side heads
+
+
+def check_arch(cfg: TorchvisionConfig) -> TorchvisionConfig:
+    """Refuse an arch that is not one of torchvision's classification models, naming close matches."""
+    import difflib
+    import torchvision
+    archs = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    if cfg.arch not in archs:
+        close = difflib.get_close_matches(str(cfg.arch), archs, n=5, cutoff=0.5)
+        raise ConfigError(f"TorchvisionConfig.arch={cfg.arch!r}: not a torchvision classification model; "
+                          + (f"close matches: {', '.join(close)}" if close else
+                             f"{len(archs)} are, e.g. {', '.join(archs[:6])} (see "
+                             "torchvision.models.list_models(module=torchvision.models))"))
+    return cfg
 
 
 def default_weights(arch: str):
@@ -74,7 +89,7 @@ def build_torchvision(cfg: TorchvisionConfig, weights: bool = True) -> nn.Module
         err = weights_problem(cfg)
         if err:
             raise err
-        model.load_state_dict(_pretrained_state(w))  # weights_only=True, hash-checked on download
+        model.load_state_dict(pretrained_state(w))  # weights_only=True, hash-checked on download
     for aux in AUX_HEADS.get(cfg.arch, ()):  # the side heads return a tuple in training; the study uses logits
         setattr(model, aux, None)
     if cfg.arch in AUX_HEADS:
@@ -83,3 +98,7 @@ def build_torchvision(cfg: TorchvisionConfig, weights: bool = True) -> nn.Module
     t = w.transforms()
     model.mean, model.std = tuple(t.mean), tuple(t.std)
     return model
+
+
+register(Family(TorchvisionConfig, build_torchvision, check=check_arch, test_batch=True,
+                weights_problem=lambda c: weights_problem(c) if c.pretrained else None))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raybench.configs import ViTConfig
+from raybench.models.registry import Complexity, Family, register
 
 
 class PatchEmbed(nn.Module):
@@ -87,3 +88,32 @@ class ViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.norm(x[:, 0]))
+
+
+def build_vit(cfg: ViTConfig, weights: bool = True) -> ViT:
+    """From scratch: `weights` changes nothing."""
+    model = ViT(cfg)
+    model.input_size, model.mean, model.std = cfg.image_size, None, None
+    return model
+
+
+def vit_complexity(c: ViTConfig) -> Complexity:
+    D, H, N, C, P = c.dim, c.mlp_hidden, c.num_patches, c.num_classes, c.patch
+    T = N + 1  # tokens: patches + class token
+    block_params = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * H + H) + (H * D + D)
+    params = (3 * P * P * D + D) + D + T * D + c.depth * block_params + 2 * D + (D * C + C)
+    macs = {
+        "embed": N * 3 * P * P * D,
+        "attn_qkv": c.depth * T * D * 3 * D,
+        "attn_matmul": c.depth * 2 * T * T * D,  # QK^T and AV, summed over heads
+        "attn_proj": c.depth * T * D * D,
+        "mlp": c.depth * 2 * T * D * H,
+        "head": D * C,
+    }
+    flops = {k: 2 * v for k, v in macs.items()}
+    return Complexity(c.name, params, params, sum(flops.values()), c.image_size, flops)
+
+
+register(Family(ViTConfig, build_vit, closed_form=vit_complexity, feature_dim=lambda c: c.dim,  # class token
+                columns={"patch": lambda c: c.patch, "dim": lambda c: c.dim, "depth": lambda c: c.depth,
+                         "heads": lambda c: c.heads, "mlp_ratio": lambda c: float(c.mlp_ratio)}))

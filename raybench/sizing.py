@@ -1,5 +1,7 @@
-"""The resource rule: what share of a GPU, and how many CPUs, one trial asks Ray for, and whether a cluster
-can ever hold it. Written once, here, with its reasons; `python -m raybench.grid --dry-run` prints what it gives.
+"""A trial's size, in one place: the side its model sees, its backbone's feature width, whether it caches
+features, its training and evaluation memory (measured on the built model, built once per config), and the
+resource rule: what share of a GPU, and how many CPUs, it asks Ray for, and whether a cluster can ever hold it.
+Written once, here, with its reasons; `python -m raybench.grid --dry-run` prints what it gives.
 
 A trial's GPU fraction is the larger of two shares, rounded up to a power of two between MIN_FRACTION and 1
 (powers of two so packed trials fill a GPU exactly):
@@ -21,12 +23,15 @@ import math
 import os
 from pathlib import Path
 
-from raybench.configs import TrialSpec
+from raybench.configs import ConfigError, ModelConfig, TrialSpec
 
 FULL_GPU_STEP_FLOPS = 1e12  # a guess until the GPU check calibrates it (scripts/gpu-check.sh)
 CUDA_OVERHEAD_BYTES = 1.0e9  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
 DEFAULT_GPU_MEMORY_GB = 80.0
 MIN_FRACTION = 1 / 8
+EVAL_BATCH = 256  # batch of the evaluation (and of the feature pass on CUDA)
+CACHE_ON, CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_OFF_DISABLED = (
+    "on", "off: augmentation", "off: not a frozen backbone", "off: disabled")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -52,12 +57,63 @@ def count_images(root: Path) -> int:
 
 
 def input_side(spec: TrialSpec) -> int:
+    """The side the model sees (the trainer resizes every batch to it)."""
     from raybench.complexity import complexity
     return complexity(spec.model).input_size
 
 
+@functools.lru_cache(maxsize=None)
+def feature_dim(cfg: ModelConfig) -> int:
+    """Values per image of a backbone's features (what forward_features returns, what a frozen backbone's cache
+    holds): the family's closed form where it has one (the ViT's class token, the pooled width of ResNet-18 and
+    Swin), else measured on the built model."""
+    from raybench.models import family_of, measuring_model
+    closed_form = family_of(cfg).feature_dim
+    if closed_form:
+        return closed_form(cfg)
+    import torch
+    model = measuring_model(cfg).eval()
+    if not callable(getattr(model, "forward_features", None)):
+        raise ConfigError(f"{cfg.name}: no forward_features (backbone/head split), so no feature width")
+    with torch.no_grad():
+        f = model.forward_features(torch.zeros(2, 3, model.input_size, model.input_size))
+    return f[0].numel()
+
+
+@functools.lru_cache(maxsize=None)
+def activation_bytes_per_image(cfg: ModelConfig) -> int:
+    """Bytes autograd keeps for the backward pass per training image, measured: one forward of the built model
+    (random weights) at batch 2 and 4 with a hook on every saved tensor, in fp32 (bf16 autocast on CUDA keeps
+    about half). The difference divides out what does not grow with the batch (saved weights)."""
+    import torch
+    from raybench.models import measuring_model
+    model = measuring_model(cfg).train()
+    size = model.input_size
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(batch, 3, size, size))
+        return total
+    return max(0, (saved(4) - saved(2)) // 2)
+
+
+def feature_cache_mode(spec: TrialSpec, enabled: bool = True) -> str:
+    """Whether the trial caches backbone features, or why not. A frozen backbone in eval mode maps each image
+    to the same features every epoch, so they can be computed once; augmentation changes its input every epoch."""
+    if not spec.model.frozen_backbone:
+        return CACHE_OFF_NOT_FROZEN
+    if spec.recipe.augment:
+        return CACHE_OFF_AUGMENT
+    return CACHE_ON if enabled else CACHE_OFF_DISABLED
+
+
 def caches_features(spec: TrialSpec) -> bool:
-    from raybench.train import CACHE_ON, feature_cache_mode
     return feature_cache_mode(spec) == CACHE_ON
 
 
@@ -67,9 +123,8 @@ def inference_bytes_per_image(cfg) -> int:
     at batch 1 in fp32: twice the largest inputs + outputs of any one leaf module (twice: the residual stream and
     the allocator's rounding live beside them). No-grad passes free each activation once the next layer has it."""
     import torch
-    from raybench.complexity import complexity
-    from raybench.models import build_model
-    model = build_model(cfg, weights=False).eval()
+    from raybench.models import measuring_model
+    model = measuring_model(cfg).eval()
     peak = 0
 
     def size(obj) -> int:
@@ -86,7 +141,7 @@ def inference_bytes_per_image(cfg) -> int:
         peak = max(peak, size(inputs) + size(output))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    side = complexity(cfg).input_size
+    side = model.input_size
     with torch.no_grad():
         model(torch.zeros(1, 3, side, side))
     for h in handles:
@@ -99,8 +154,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
     gradients and Adam moments of what trains, the batch's saved activations) or the no-grad pass at
     EVAL_BATCH (evaluation, the feature pass), whichever is larger, plus what stays on the device all along:
     the dataset as uint8 and, for a cached frozen backbone, its fp32 features of every image."""
-    from raybench.complexity import activation_bytes_per_image, complexity, feature_dim
-    from raybench.train import EVAL_BATCH
+    from raybench.complexity import complexity
     cx = complexity(spec.model)
     images, side = dataset_images(spec)
     resident = images * 3 * side * side + 4 * (cx.params + 3 * cx.trainable_params)
@@ -115,7 +169,7 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
 
 def step_flops(spec: TrialSpec) -> float:
     """FLOPs of one training step, as the compute share counts them (see the module's docstring)."""
-    from raybench.complexity import complexity, feature_dim
+    from raybench.complexity import complexity
     b = spec.recipe.batch_size
     if caches_features(spec):
         return 3 * 2 * feature_dim(spec.model) * spec.model.num_classes * b
