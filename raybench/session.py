@@ -268,6 +268,22 @@ def session_processes(session_dir: str) -> list:
     return mine
 
 
+def end_processes(marker: str, grace_s: float = 5.0) -> int:
+    """End the processes whose command line names `marker` (a Ray temp or session folder): SIGTERM, then SIGKILL
+    for those still there after `grace_s`. Unlike `ray stop`, which ends every Ray on the machine, another
+    user's or job's included. Returns how many there were."""
+    import psutil
+    procs = session_processes(marker)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:  # Ray's agents ignore SIGTERM once their raylet is gone
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
+
+
 def reap(driver_pid: int, session_dir: str, poll_s: float = 1.0, grace_s: float = 3.0) -> None:
     import time
     import psutil
