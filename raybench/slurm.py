@@ -189,6 +189,7 @@ def sbatch_script(opts, grid_args: list[str], grid, run_dir: Path, script: Path)
     driver = [opts.python, "-u", "-m", "raybench.grid", *keep, "--results-dir", str(run_dir.parent),
               "--name", run_dir.name]
     bin_dir = str(Path(opts.python).parent)
+    launcher = " --no-dashboard" if grid.no_dashboard else ""
     sbatch_again = ["sbatch", *(["--partition", opts.partition] if opts.partition else []),
                     *(["--account", opts.account] if opts.account else [])]
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
@@ -217,7 +218,7 @@ def sbatch_script(opts, grid_args: list[str], grid, run_dir: Path, script: Path)
              "}",
              "trap on_warning USR1",
              f"srun --nodes={n} --ntasks={n} --ntasks-per-node=1 --cpus-per-task={c} --kill-on-bad-exit=0 \\",
-             f"    {q(opts.python)} -m raybench.slurmjob --job-dir \"$JOB_DIR\" --cpus {c} --gpus {g} -- \\",
+             f"    {q(opts.python)} -m raybench.slurmjob --job-dir \"$JOB_DIR\" --cpus {c} --gpus {g}{launcher} -- \\",
              f"    {' '.join(q(a) for a in driver)} \"${{RESUME[@]}}\" &",
              "step=$!",
              "while true; do",

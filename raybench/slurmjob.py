@@ -73,7 +73,7 @@ def ray_cli() -> str:
 
 
 def start_ray(head_address: str | None, ports: dict, temp_dir: str, cpus: int, gpus: int,
-              object_store_bytes: int | None) -> None:
+              object_store_bytes: int | None, dashboard: bool = True) -> None:
     cmd = [ray_cli(), "start", f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
            "--disable-usage-stats"]
     if object_store_bytes:
@@ -84,6 +84,8 @@ def start_ray(head_address: str | None, ports: dict, temp_dir: str, cpus: int, g
         ip, port = node_ip(), ports["port"]
         cmd += ["--head", f"--node-ip-address={ip}", f"--port={port}", "--dashboard-host=127.0.0.1"]
         names += ["ray-client-server-port", "dashboard-port"]
+        if not dashboard:
+            cmd.append("--include-dashboard=false")
     else:
         cmd += [f"--address={head_address}"]
     cmd += [f"--{n}={ports[n]}" for n in names]
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=int, required=True)
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--object-store-bytes", type=int)
+    p.add_argument("--no-dashboard", action="store_true", help="start the head without Ray's dashboard")
     p.add_argument("driver", nargs=argparse.REMAINDER, help="-- the driver's command, run on the head")
     args = p.parse_args(argv)
     driver = args.driver[1:] if args.driver[:1] == ["--"] else args.driver
@@ -147,11 +150,11 @@ def main(argv=None) -> int:
         if rank == 0:
             write_atomic(Path(temp_dir) / "head.pid", str(os.getpid()))
             ports = job_ports(job_id)
-            start_ray(None, ports, temp_dir, args.cpus, args.gpus, args.object_store_bytes)
+            start_ray(None, ports, temp_dir, args.cpus, args.gpus, args.object_store_bytes, not args.no_dashboard)
             address = f"{node_ip()}:{ports['port']}"
             write_atomic(address_file, address)
-            print(f"[slurmjob] Ray head at {address} (dashboard 127.0.0.1:{ports['dashboard-port']} on "
-                  f"{socket.gethostname()}), temp folder {temp_dir}", flush=True)
+            where = "" if args.no_dashboard else f", dashboard 127.0.0.1:{ports['dashboard-port']} on that node"
+            print(f"[slurmjob] Ray head at {address}{where}; temp folder {temp_dir}", flush=True)
             joined = lambda: len(list(job_dir.glob("node-*"))) >= nodes - 1
             if not wait_file(job_dir / "never", JOIN_TIMEOUT_S, joined):
                 print(f"[slurmjob] error: only {len(list(job_dir.glob('node-*')))} of {nodes - 1} worker nodes "

@@ -1,0 +1,174 @@
+"""raybench on SLURM, against a real SLURM on this machine (scripts/slurm-local.sh: Debian's slurm-wlm and munge,
+slurmctld and slurmd on localhost): a study submitted with `python -m raybench.slurm --submit` completes; a job
+ended by its time limit is continued by its follow-up job, every epoch once; both ran at once on the one node,
+each with its own Ray. Bad input is refused before anything is submitted. Skipped, saying why, where SLURM
+cannot run (not root, the packages missing)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
+TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
+pytestmark = pytest.mark.xdist_group("slurm")
+
+
+def slurm_cli(*args, env=None, timeout=300, **kw):
+    """`python -m raybench.slurm ARGS` in its own process, as a user runs it on a login node."""
+    return subprocess.run([sys.executable, "-m", "raybench.slurm", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local SLURM's environment (SLURM_CONF), started by scripts/slurm-local.sh unless already up."""
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM needs root (slurmd starts jobs as their users)")
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    r = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"the local SLURM did not start: {r.stderr.strip()[-500:]}")
+    conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
+    os.environ["SLURM_CONF"] = conf  # for sbatch and squeue here, and through sbatch for the jobs' own sbatch
+    yield conf
+
+
+def squeue(*names) -> dict:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return {int(i): (n, s) for i, n, s in rows if n in names}
+
+
+@pytest.fixture(scope="module")
+def two_jobs(slurm, tmp_path_factory):
+    """Two studies submitted at once to the one node (two CPUs, one each): `small`, which completes in its
+    first job, and `limited`, whose two-minute jobs are too short for it. SLURM warns each of its jobs 30 s
+    before the limit (its checks run every 30 s, so 30 to 60 s before); the driver stops, keeping its finished
+    epochs, and the job submits its follow-up, which resumes the run."""
+    results = tmp_path_factory.mktemp("slurm-results")
+    tiny = ["--only", TRIAL, "--gpus", "0", "--no-dashboard", "--test-size", "100"]
+    limited = slurm_cli("--cpus-per-node", 1, "--time", 2, "--warning", 30, "--results-dir", results, "--submit",
+                        "--", *tiny, "--epochs", 20, "--train-size", 500, "--name", "limited", "--no-analysis")
+    small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit",
+                      "--", *tiny, "--epochs", 2, "--train-size", 200, "--name", "small")
+    assert limited.returncode == 0 and small.returncode == 0, limited.stderr + small.stderr
+    names = ("raybench-limited", "raybench-small")
+    seen_together, deadline = False, time.monotonic() + 480
+    while time.monotonic() < deadline:
+        jobs = squeue(*names)
+        running = {n for n, s in jobs.values() if s == "RUNNING"}
+        seen_together = seen_together or running == set(names)
+        if not jobs:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"the jobs did not end within 8 minutes: {squeue(*names)}")
+    return results, seen_together, limited.stdout + small.stdout
+
+
+def outputs(run_dir: Path) -> list[tuple[int, str]]:
+    """The run's job outputs, oldest job first."""
+    return sorted((int(p.stem), p.read_text()) for p in (run_dir / "slurm").glob("*.out"))
+
+
+def every_epoch_once(run_dir: Path, epochs: int) -> pd.DataFrame:
+    ep = pd.read_parquet(run_dir / "epochs.parquet")
+    assert sorted(zip(ep.trial, ep.epoch)) == [(f"{TRIAL}-seed", e) for e in range(1, epochs + 1)], ep
+    assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
+    return ep
+
+
+def test_a_study_submitted_with_raybench_slurm_completes(two_jobs):
+    results, _, printed = two_jobs
+    run_dir = results / "small"
+    assert f"[slurm] batch script: {run_dir}/slurm/job.sbatch" in printed and "[slurm] submitted job" in printed
+    every_epoch_once(run_dir, 2)
+    assert (run_dir / "analysis" / "report.md").stat().st_size > 0
+    [(job, out)] = outputs(run_dir)
+    assert "[grid] 1 trials: 1 ok" in out and "error" not in out.lower(), out[-3000:]
+    assert "dashboard 127.0.0.1:" in out  # the job's dashboard, on loopback only
+
+
+def test_a_job_ended_by_its_time_limit_is_resumed_by_its_follow_up_job(two_jobs):
+    results, _, _ = two_jobs
+    run_dir = results / "limited"
+    jobs = outputs(run_dir)
+    assert len(jobs) >= 2, jobs
+    for (job, out), (next_job, _) in zip(jobs, jobs[1:]):  # each warned job stopped and handed on
+        assert "[slurm] the time limit is near: stopping the run" in out, out[-3000:]
+        assert f"[slurm] follow-up job {next_job} continues the run" in out, out[-3000:]
+        assert "Traceback" not in out and "DUE TO TIME LIMIT" not in out, out[-3000:]
+    assert "[grid] stopped by SIGTERM" in jobs[0][1] or "SIGTERM before the driver started" in jobs[0][1]
+    assert "[slurm] job" in jobs[-1][1] and ": --resume" in jobs[-1][1]
+    assert "[grid] 1 trials: 1 ok" in jobs[-1][1], jobs[-1][1][-3000:]
+    every_epoch_once(run_dir, 20)
+
+
+def test_two_jobs_at_once_on_one_node_each_with_its_own_ray_both_finish(two_jobs):
+    results, seen_together, _ = two_jobs
+    assert seen_together
+    heads = [re.search(r"Ray head at (\S+?)[;,]", out).group(1)
+             for run in ("small", "limited") for _, out in outputs(results / run) if "Ray head at" in out]
+    assert len(set(heads)) == len(heads) >= 3  # every job its own Ray, on its own ports
+    import psutil
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if any(re.search(r"/tmp/rb-\d+-ray", a) for a in (p.info["cmdline"] or []))]
+    assert not left  # each job stopped its own Ray
+
+
+def test_what_slurm_refuses_is_refused_before_anything_is_submitted(slurm, tmp_path):
+    before = squeue("raybench-refused")
+    for args, message in [(["--partition", "nope"], "invalid partition"),
+                          (["--gpus-per-node", 1], "requested node configuration is not available")]:
+        r = slurm_cli(*args, "--results-dir", tmp_path, "--submit", "--", "--name", "refused")
+        assert r.returncode == 2 and r.stderr.count("error: ") == 1, r.stderr
+        assert message in r.stderr.lower() and "nothing submitted" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "refused").exists()
+    assert squeue("raybench-refused") == before == {}
+
+
+def test_bad_input_is_refused_in_one_line_without_slurm(tmp_path):
+    no_sbatch = {"PATH": str(Path(sys.executable).parent)}  # this Python's bin: no sbatch there
+    cases = [(["--submit"], no_sbatch, "sbatch is not on PATH"),
+             (["--results-dir", "/dev/shm/raybench"], {}, "on a tmpfs file system, which only this machine sees"),
+             (["--time", "1", "--warning", "60"], {}, "--warning=60: must be below the time limit"),
+             (["--time", "tomorrow"], {}, "--time='tomorrow': not a SLURM time"),
+             (["--gpus-per-node", "-1"], {}, "--gpus-per-node=-1: must be >= 0")]
+    for args, env, message in cases:
+        results = [] if "--results-dir" in args else ["--results-dir", tmp_path]
+        r = slurm_cli(*args, *results, "--", "--name", "bad", env=env, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("error: ") == 1 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+    r = slurm_cli("--results-dir", tmp_path, "--", "--address", "auto")
+    assert r.returncode == 2 and "--address after --: the job script sets it" in r.stderr
+
+
+def test_the_script_asks_slurm_for_what_was_given(tmp_path):
+    """Without a SLURM: the directives, GPUs both ways, and the driver's command line."""
+    r = slurm_cli("--nodes", 2, "--gpus-per-node", 4, "--cpus-per-node", 16, "--mem", "64G", "--partition", "gpu",
+                  "--account", "lab", "--time", "1-00:00:00", "--warning", 600, "--results-dir", tmp_path,
+                  "--", "--experiment", "seed", "--data-dir", "/shared/data", "--name", "s1")
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "s1" / "slurm" / "job.sbatch").read_text()
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--gres=gpu:4", "--mem=64G",
+                      "--partition=gpu", "--account=lab", "--time=1-00:00:00", "--signal=B:USR1@600", "--requeue",
+                      f"--output={tmp_path}/s1/slurm/%j.out"):
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=16" in script
+    assert "--cpus 16 --gpus 4 --" in script
+    assert (f"-m raybench.grid --experiment seed --data-dir /shared/data --results-dir {tmp_path} --name s1 "
+            '"${RESUME[@]}" &') in script
+    assert f"sbatch --partition gpu --account lab --parsable --dependency=afterany:$SLURM_JOB_ID" in script
+    r = slurm_cli("--gpus-per-node", 2, "--gpu-request", "gpus-per-task", "--results-dir", tmp_path, "--script",
+                  tmp_path / "other.sbatch", "--", "--name", "s2")
+    script = (tmp_path / "other.sbatch").read_text()
+    assert r.returncode == 0 and "#SBATCH --gpus-per-task=2\n" in script and "--gres" not in script
