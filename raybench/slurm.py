@@ -272,7 +272,7 @@ def submit(script: Path) -> str:
     """Ask SLURM whether it would take the job (sbatch --test-only), then submit it; returns the job id."""
     r = sbatch("--test-only", str(script))
     if r.returncode != 0:
-        raise SlurmError(f"SLURM refuses the job: {refusal(r)} (nothing submitted; the script is {script})")
+        raise SlurmError(f"SLURM refuses the job: {refusal(r)} (nothing submitted)")
     r = sbatch("--parsable", str(script))
     if r.returncode != 0:
         raise SlurmError(f"sbatch failed: {refusal(r)} (the script is {script})")
@@ -301,18 +301,18 @@ def main(argv=None) -> int:
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(sbatch_script(opts, grid_args, grid, run_dir, script))
-    print(f"[slurm] batch script: {script}")
     if not opts.submit:
-        print(f"[slurm] submit it with: sbatch {script}")
+        print(f"[slurm] batch script: {script}\n[slurm] submit it with: sbatch {script}")
         return 0
     try:
         job = submit(script)
     except SlurmError as e:
-        if fresh:  # nothing of the run is left where the refused job would have run
+        if fresh:  # nothing of a job SLURM refused stays behind
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[slurm] submitted job {job}; results: {run_dir}; its output: {run_dir}/slurm/{job}.out")
+    print(f"[slurm] batch script: {script}\n[slurm] submitted job {job}; results: {run_dir}; its output: "
+          f"{run_dir}/slurm/{job}.out")
     return 0
 
 
