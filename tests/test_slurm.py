@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
+EPOCHS = 60  # of the time-limited study
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
@@ -72,9 +73,11 @@ def two_jobs(slurm, tmp_path_factory):
     before the limit (its checks run every 30 s, so 30 to 60 s before); the driver stops, keeping its finished
     epochs, and the job submits its follow-up, which resumes the run."""
     results = tmp_path_factory.mktemp("slurm-results")
-    tiny = ["--only", TRIAL, "--gpus", "0", "--no-dashboard", "--test-size", "100"]
+    tiny = ["--only", TRIAL, "--gpus", "0", "--test-size", "100"]
+    # about a minute of epochs: more than a first job's 30 to 60 s less Ray's start, even on an idle machine
     limited = slurm_cli("--cpus-per-node", 1, "--time", 2, "--warning", 30, "--results-dir", results, "--submit",
-                        "--", *tiny, "--epochs", 20, "--train-size", 500, "--name", "limited", "--no-analysis")
+                        "--", *tiny, "--epochs", EPOCHS, "--train-size", 800, "--name", "limited", "--no-analysis",
+                        "--no-dashboard")
     small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit",
                       "--", *tiny, "--epochs", 2, "--train-size", 200, "--name", "small")
     assert limited.returncode == 0 and small.returncode == 0, limited.stderr + small.stderr
@@ -127,7 +130,7 @@ def test_a_job_ended_by_its_time_limit_is_resumed_by_its_follow_up_job(two_jobs)
     assert "[grid] stopped by SIGTERM" in jobs[0][1] or "SIGTERM before the driver started" in jobs[0][1]
     assert "[slurm] job" in jobs[-1][1] and ": --resume" in jobs[-1][1]
     assert "[grid] 1 trials: 1 ok" in jobs[-1][1], jobs[-1][1][-3000:]
-    every_epoch_once(run_dir, 20)
+    every_epoch_once(run_dir, EPOCHS)
 
 
 def test_two_jobs_at_once_on_one_node_each_with_its_own_ray_both_finish(two_jobs):
