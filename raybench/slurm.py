@@ -114,8 +114,8 @@ def file_system(path: Path) -> str:
     return kind
 
 
-def check(opts, grid_args: list[str]) -> list[str]:
-    """Raises SlurmError for what SLURM or the run would refuse; returns warnings."""
+def check(opts, grid_args: list[str]) -> None:
+    """Raises SlurmError for options SLURM or the run would refuse."""
     for flag, value, ok, accepted in [("--nodes", opts.nodes, opts.nodes >= 1, ">= 1"),
                                       ("--gpus-per-node", opts.gpus_per_node, opts.gpus_per_node >= 0, ">= 0"),
                                       ("--cpus-per-node", opts.cpus_per_node, opts.cpus_per_node >= 1, ">= 1"),
@@ -133,16 +133,19 @@ def check(opts, grid_args: list[str]) -> list[str]:
                              "every follow-up job)")
     if not Path(opts.python).exists():
         raise SlurmError(f"--python {opts.python}: no such file; give the Python with raybench installed")
-    warnings = []
-    fs = file_system(Path(opts.results_dir))
+
+
+def check_results_dir(results_dir: Path) -> list[str]:
+    """Raises SlurmError for a folder only this machine sees; returns a warning for one that may be."""
+    fs = file_system(results_dir)
     if fs in NODE_LOCAL_FS:
-        raise SlurmError(f"--results-dir {opts.results_dir}: on a {fs} file system, which only this machine "
-                         "sees; the job's nodes and its follow-up jobs need a folder on the shared file system "
-                         "(your cluster's home or scratch)")
+        raise SlurmError(f"--results-dir {results_dir}: on a {fs} file system, which only this machine sees; the "
+                         "job's nodes and its follow-up jobs need a folder on the shared file system (your "
+                         "cluster's home or scratch)")
     if fs and fs not in SHARED_FS:
-        warnings.append(f"--results-dir {opts.results_dir} is on a local {fs} file system: make sure every node "
-                        "of the cluster sees it (a follow-up job may run on another node)")
-    return warnings
+        return [f"--results-dir {results_dir} is on a local {fs} file system: make sure every node of the cluster "
+                "sees it (a follow-up job may run on another node)"]
+    return []
 
 
 def parse_grid(grid_args: list[str]):
@@ -284,10 +287,11 @@ def main(argv=None) -> int:
     own, grid_args = split_argv(argv)
     opts = get_args_parser().parse_args(own)
     try:
-        warnings = check(opts, grid_args)
+        check(opts, grid_args)
         grid = parse_grid(grid_args)
-        results_dir = Path(grid.results_dir if "--results-dir" in grid_args or any(
-            a.startswith("--results-dir=") for a in grid_args) else opts.results_dir).expanduser().resolve()
+        given = "--results-dir" in grid_args or any(a.startswith("--results-dir=") for a in grid_args)
+        results_dir = Path(grid.results_dir if given else opts.results_dir).expanduser().resolve()
+        warnings = check_results_dir(results_dir)
         run_dir = results_dir / run_name(grid)
         script = Path(opts.script).expanduser().resolve() if opts.script else run_dir / "slurm" / "job.sbatch"
         if opts.submit:
