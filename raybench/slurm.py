@@ -18,6 +18,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from raybench.slurmjob import RAY_TEMP
+
 # Seconds before the time limit at which SLURM warns the job: Tune's stop, Ray's shutdown and the follow-up's
 # submission take well under a minute; SLURM may send the warning up to a minute early.
 DEFAULT_WARNING_S = 300
@@ -193,6 +195,7 @@ def sbatch_script(opts, grid_args: list[str], grid, run_dir: Path, script: Path)
               "--name", run_dir.name]
     bin_dir = str(Path(opts.python).parent)
     launcher = " --no-dashboard" if grid.no_dashboard else ""
+    temp = RAY_TEMP.format(job="$SLURM_JOB_ID")
     sbatch_again = ["sbatch", *(["--partition", opts.partition] if opts.partition else []),
                     *(["--account", opts.account] if opts.account else [])]
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
@@ -217,7 +220,7 @@ def sbatch_script(opts, grid_args: list[str], grid, run_dir: Path, script: Path)
              "    warned=1",
              '    echo "[slurm] the time limit is near: stopping the run"',
              '    touch "$JOB_DIR/stop"  # read by the head task before it starts the driver',
-             '    pid=$(cat "/tmp/rb-$SLURM_JOB_ID-ray/head.pid" 2>/dev/null) && kill -TERM "$pid"',
+             f'    pid=$(cat "{temp}/head.pid" 2>/dev/null) && kill -TERM "$pid"',
              "}",
              "trap on_warning USR1",
              f"srun --nodes={n} --ntasks={n} --ntasks-per-node=1 --cpus-per-task={c} --kill-on-bad-exit=0 \\",
@@ -228,6 +231,9 @@ def sbatch_script(opts, grid_args: list[str], grid, run_dir: Path, script: Path)
              '    wait "$step"; rc=$?',
              '    kill -0 "$step" 2>/dev/null || break  # a trapped signal ended the wait, not the step',
              "done",
+             "# the head's Ray, where its task was killed before it could stop it (only this job's processes)",
+             f"{q(opts.python)} -c \"from raybench.session import end_processes; "
+             f"end_processes('{temp}')\"",
              f"if [ \"$warned\" = 1 ] && [ \"$rc\" = 143 ] && [ \"$JOBS\" -lt {opts.max_jobs} ]; then",
              f"    next=$(RAYBENCH_SLURM_JOBS=$JOBS {' '.join(q(a) for a in sbatch_again)} --parsable "
              '--dependency=afterany:$SLURM_JOB_ID "$SCRIPT") &&',

@@ -57,9 +57,13 @@ def port_taken(port: int) -> bool:
     return False
 
 
+# Node-local and short: Ray's socket paths inside it must stay under the 107 characters a socket path may have.
+# No other job's folder name contains it: this job's processes are told apart by it.
+RAY_TEMP = "/tmp/rb-{job}-ray"
+
+
 def ray_temp_dir(job_id: int) -> str:
-    # node-local and short: Ray's socket paths inside it must stay under the 107 characters a socket path may have
-    return f"/tmp/rb-{job_id}-ray"  # a name no other job's contains: processes are matched by it
+    return RAY_TEMP.format(job=job_id)
 
 
 def node_ip() -> str:

@@ -222,3 +222,14 @@ def test_the_script_asks_slurm_for_what_was_given(tmp_path):
                   tmp_path / "other.sbatch", "--", "--name", "s2")
     script = (tmp_path / "other.sbatch").read_text()
     assert r.returncode == 0 and "#SBATCH --gpus-per-task=2\n" in script and "--gres" not in script
+
+
+def test_jobs_sharing_a_node_get_ports_apart_and_skip_ports_in_use():
+    from raybench.slurmjob import SLOT, job_ports, ray_temp_dir
+    a, b = job_ports(41, taken=lambda p: False), job_ports(42, taken=lambda p: False)
+    span = lambda ports: set(ports.values()) | set(range(ports["min-worker-port"], ports["max-worker-port"] + 1))
+    assert not span(a) & span(b) and all(20000 <= p < 32768 for p in span(a) | span(b))
+    held = span(b)  # where something else holds job 42's block, it takes the next one
+    c = job_ports(42, taken=lambda p: p in held)
+    assert c["port"] == b["port"] + SLOT and not span(c) & held
+    assert ray_temp_dir(1) not in ray_temp_dir(11) and ray_temp_dir(11) not in ray_temp_dir(111)
