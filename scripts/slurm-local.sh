@@ -2,6 +2,7 @@
 # A one-node SLURM on this machine, for the tests of raybench.slurm (tests/test_slurm.py) and for trying it:
 #   sudo bash scripts/slurm-local.sh start    # prints `export SLURM_CONF=...`; idempotent
 #   sudo bash scripts/slurm-local.sh stop     # stops the daemons it started, by their pid files
+#   bash scripts/slurm-local.sh status        # exit status 0 while they run
 # Needs root and Debian's slurm-wlm and munge packages (`apt-get install slurm-wlm munge`). Everything lives in
 # $RAYBENCH_SLURM_DIR (/tmp/raybench-slurm): its own slurm.conf (reached through SLURM_CONF, so an
 # /etc/slurm of a real cluster is left alone), its own munge key and socket, ports 16817/16818, no cgroups, no
@@ -89,5 +90,6 @@ EOF
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+    status) alive "$S/ctld.pid" && alive "$S/d.pid" ;;  # exit status 0 when both daemons run
+    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

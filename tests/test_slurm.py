@@ -52,12 +52,15 @@ def slurm():
     missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c) is None]
     if missing:
         pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    was_up = subprocess.run(["bash", str(SLURM_LOCAL), "status"]).returncode == 0
     r = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         pytest.skip(f"the local SLURM did not start: {r.stderr.strip()[-500:]}")
     conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
     os.environ["SLURM_CONF"] = conf  # for sbatch and squeue here, and through sbatch for the jobs' own sbatch
     yield conf
+    if not was_up:
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], timeout=60)
 
 
 def squeue(*names) -> dict:
