@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
-EPOCHS = 250  # of the time-limited study: tiny epochs, more than the 35 to 95 s from the cut to the warning
+EPOCHS = 250  # of the time-limited study: tiny epochs, outlasting the up to 65 s from the cut to the warning
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
@@ -80,9 +80,10 @@ def elapsed_s(job: int) -> int:
 def two_jobs(slurm, tmp_path_factory):
     """Two studies submitted at once to the one node (two CPUs, one each): `small`, which completes in its job,
     and `limited`, whose first job reaches its time limit. Once that job has recorded two epochs its limit is
-    cut (`scontrol update TimeLimit`, as a user may shorten a running job) to end 35 to 95 s later: SLURM warns
-    it 30 s before the limit (its checks run every 30 s, so at the next one); the driver stops, keeping its
-    finished epochs, and the job submits its follow-up, which resumes the run with the ten minutes asked for.
+    cut (`scontrol update TimeLimit`, as a user may shorten a running job) to end 35 to 95 s later: SLURM sends
+    the warning at its first check (every 30 s) once the limit is within --warning + 30 s, 0 to 65 s after the
+    cut; the driver stops, keeping its finished epochs, and the job submits its follow-up, which resumes the run
+    with the ten minutes asked for.
     Cutting the limit once epochs are in makes the first job's share certain; a first job's warning comes 30
     to 60 s after it starts with a two-minute limit, before Ray and the trial are up on a busy machine."""
     results = tmp_path_factory.mktemp("slurm-results")
