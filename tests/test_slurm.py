@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
-EPOCHS = 250  # of the time-limited study: tiny epochs, outlasting the up to 30 s from the cut to the warning
+EPOCHS = 400  # of the time-limited study: tiny epochs, outlasting the up to 30 s from the cut to the warning
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
