@@ -20,6 +20,7 @@ from raybench.configs import PRECISIONS
 from raybench.experiments import ExperimentError, builtin_experiments
 from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
 from raybench.sizing import DEFAULT_GPU_MEMORY_GB
+from raybench.stop import STOP
 
 
 SCHEDULERS = ("fifo", "asha")
@@ -140,7 +141,7 @@ def _pending_timeout_callback():
                 print(f"[grid] {len(pending)} trial(s) waited {self.timeout_s / 60:g} min for resources with none "
                       f"running ({', '.join(t.trial_id for t in pending[:5])}...); stopping the run. Finished "
                       f"epochs are kept; continue with: {self.resume_command}", flush=True)
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own stop; not a stop signal from outside
 
     return PendingTimeout
 
@@ -239,6 +240,8 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
         return 2
     try:
         return _run_locked(plan, fresh, analysis, t_start or time.time())
+    except KeyboardInterrupt:  # a stop signal outside Tune's loop, or a second one
+        return STOP.report(plan)
     finally:
         lock.release()
 
@@ -256,16 +259,18 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
             print(f"[grid] recovered: {note}", flush=True)
     marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
-        ctx = connect(plan)
+        ctx = connect(plan)  # keeps the stop signals' handlers, which ray.init replaces
         marks["ray_up"] = time.time()
         autoscaling = False
         if plan.address:
             autoscaling, note = check_placement(plan.resources)
             if note:
                 print(f"[grid] note: {note}", flush=True)
-    except (ClusterUnavailable, ExperimentError) as e:
+    except (ClusterUnavailable, ExperimentError, KeyboardInterrupt) as e:
         import ray
         ray.shutdown()
+        if isinstance(e, KeyboardInterrupt):
+            raise
         if fresh:
             shutil.rmtree(plan.run_dir, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
@@ -282,10 +287,6 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     try:
         writer = _fit(plan, ctx, timeout, recount=bool(notes), redo=redo)
         marks["fit_done"] = time.time()
-    except KeyboardInterrupt:
-        print(f"[grid] interrupted: finished epochs are in {plan.run_dir}; continue with: {plan.resume_command()}",
-              file=sys.stderr)
-        return 130
     except Exception as e:  # a full disk anywhere Tune or raybench writes ends fit() with it inside a TuneError
         if recover.disk_full_path(e) is None:
             raise
@@ -380,7 +381,8 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = Fa
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_frequency=1,
                                                         checkpoint_at_end=True)))
-    tuner.fit()
+    with STOP.tune_loop():
+        tuner.fit()
     return writer
 
 
@@ -411,7 +413,9 @@ PHASES_FILE = "phases.json"  # where the run's wall time went, in the run folder
 def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict | None = None) -> int:
     print(writer.summary(), flush=True)
     unfinished = writer.unfinished()
-    if unfinished:  # Ctrl+C (SIGINT) ends fit() gracefully, with Tune's state saved
+    if unfinished and STOP.signum:  # the analysis waits for the run to finish (it would cost a stopping job time)
+        return STOP.report(plan)
+    if unfinished:  # the pending timeout ends fit() the way a stop signal does, with Tune's state saved
         print(f"[grid] stopped with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); continue with: "
               f"{plan.resume_command()}", flush=True)
     if analysis:
@@ -435,5 +439,15 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict |
     return 0 if writer.all_ok() else 1
 
 
+def cli(argv=None) -> int:
+    """`python -m raybench.grid`: main() with SIGTERM, SIGHUP and SIGINT taken before Ray starts (see Stop)."""
+    with STOP.handlers():
+        try:
+            return main(argv)
+        except KeyboardInterrupt:  # before the run folder: nothing to keep
+            print(f"[grid] stopped by {STOP.signal_name()} before the run started", file=sys.stderr, flush=True)
+            return STOP.exit_status()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -11,15 +11,19 @@ Ray 2.60 behaviours this works around, each seen on this project's machines (sha
   (which also keeps a local Ray's services on 127.0.0.1).
 - After `kill -9` of a driver that started a local Ray, its DashboardAgent and RuntimeEnvAgent outlive the
   raylet and GCS (parent 1, still listening); see reaper() below.
+- `ray.init` replaces the caller's SIGTERM handler with one that calls sys.exit, and the core worker it starts
+  installs a C-level failure handler that prints a stack dump on SIGTERM; see keep_signal_handlers() below.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -41,6 +45,25 @@ def tune_environment() -> None:
 def connect(plan):
     """Start the plan's local Ray, or join its cluster; returns ray.init's context."""
     tune_environment()
+    with keep_signal_handlers():
+        return _connect(plan)
+
+
+@contextlib.contextmanager
+def keep_signal_handlers(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+    """Put back the Python handlers the caller had for `signals` once Ray has started. Setting a handler again
+    through `signal.signal` also takes back the C-level handler from Ray's failure handler. A signal the caller
+    left to its default stays Ray's."""
+    mine = {s: signal.getsignal(s) for s in signals} if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for s, handler in mine.items():
+            if callable(handler):
+                signal.signal(s, handler)
+
+
+def _connect(plan):
     if plan.local is None:
         return join(plan.address)
     if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
@@ -243,6 +266,22 @@ def session_processes(session_dir: str) -> list:
         except psutil.Error:
             pass
     return mine
+
+
+def end_processes(marker: str, grace_s: float = 5.0) -> int:
+    """End the processes whose command line names `marker` (a Ray temp or session folder): SIGTERM, then SIGKILL
+    for those still there after `grace_s`. Unlike `ray stop`, which ends every Ray on the machine, another
+    user's or job's included. Returns how many there were."""
+    import psutil
+    procs = session_processes(marker)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:  # Ray's agents ignore SIGTERM once their raylet is gone
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
 
 
 def reap(driver_pid: int, session_dir: str, poll_s: float = 1.0, grace_s: float = 3.0) -> None:

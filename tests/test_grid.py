@@ -214,11 +214,14 @@ def read_epochs(run_dir: Path) -> pd.DataFrame:
 
 
 def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes_without_repeating_trials(tmp_path):
-    """Both ways a run loses a process, in one run (one Ray start fewer than a run each). Two CPUs, two per
-    trial: one trial at a time, in grid order. Once the first trial has finished, the second one's process is
-    killed with SIGKILL in its second epoch: Tune retries it from its epoch-1 checkpoint in a new process. As
-    soon as the retry has reported an epoch, the driver is stopped with Ctrl+C; the results folder is moved
-    (as when copying it to another disk) and the run resumed."""
+    """Both ways a run loses a process, and the signals that stop a driver, in one run (one Ray start fewer than
+    a run each). Two CPUs, two per trial: one trial at a time, in grid order. Once the first trial has finished,
+    the second one's process is killed with SIGKILL in its second epoch: Tune retries it from its epoch-1
+    checkpoint in a new process. As soon as the retry has reported an epoch, the driver gets SIGTERM, as a batch
+    scheduler sends at a time limit: it stops the way Ctrl+C does, saying what it kept and how to continue, and
+    leaves no process behind. The results folder is moved (as when copying it to another disk) and the run
+    resumed; that run gets SIGHUP and then Ctrl+C, the second signal ending it at once. The third run finishes it."""
+    import psutil
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
                            epochs=4, train_size=1200)
     first_trial, second_trial = "vit-p8-e32-l1-h2-m2-seed", "vit-p4-e64-l2-h2-m2-seed"
@@ -240,7 +243,8 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
         time.sleep(0.5)  # into epoch 2
         os.kill(killed, signal.SIGKILL)
         wait_for(lambda: (second_rows().pid != killed).any())  # the retry's first epoch
-        proc.send_signal(signal.SIGINT)
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)  # its local Ray, the trials, the reaper
+        proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -249,11 +253,32 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     assert sorted(first.epoch) == [1, 2, 3, 4] and second.epoch.max() < 4, out[-3000:]
     assert not second.epoch.duplicated().any() and second.pid.nunique() == 2 and killed in set(second.pid)
     assert "retrying from its last checkpoint" in out
-    assert "--resume" in out
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"[grid] stopped by SIGTERM: 1/2 trials ended, {len(before)} epochs kept in {run_dir}")
+    assert last.endswith(f"--results-dir {tmp_path / 'res'} --name stop --resume")
+    assert "Traceback" not in out.split("SIGTERM: stopping the run")[1]  # (the SIGKILLed trial's is logged above)
+    _, alive = psutil.wait_procs(ray_processes, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
 
     (tmp_path / "res").rename(tmp_path / "moved")
     run_dir = tmp_path / "moved" / "stop"
     args[args.index(str(tmp_path / "res"))] = str(tmp_path / "moved")
+    proc = subprocess.Popen([*args, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(read_epochs(run_dir)) > len(before))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # while Tune stops
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, out[-3000:]
+    assert "SIGHUP: stopping the run; finished epochs are kept" in out and "Traceback" not in out
+    assert "[grid] stopped by SIGHUP: " in out.strip().splitlines()[-1]
+    stopped = read_epochs(run_dir)
+    assert len(stopped) > len(before) and not stopped.duplicated(["trial", "epoch"]).any()
+
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = read_epochs(run_dir)
