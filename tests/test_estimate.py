@@ -1,0 +1,189 @@
+"""The estimate: Ray's packing of trial fractions simulated against hand-computed makespans, the calibration
+cache (hit, miss, --recalibrate, a damaged file), the time left from measured epochs, and the price flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+
+from raybench import estimate as E
+from raybench.configs import DataSpec, Recipe, TrialSpec
+
+from conftest import TINY_VIT
+
+
+# --- packing: each makespan below is worked out by hand in the comment above it -------------------------
+
+def test_four_half_shares_on_one_gpu_run_two_at_a_time():
+    # 0.5 + 0.5 fill the GPU: two pairs of 10 s one after the other
+    jobs = [(f"t{i}", 1, 0.5, 10.0) for i in range(4)]
+    s = E.simulate(jobs, [E.Node(cpus=8, gpus=1)])
+    assert E.makespan(s) == 20.0
+    assert s["t0"] == s["t1"] == (0.0, 10.0) and s["t2"] == s["t3"] == (10.0, 20.0)
+
+
+def test_start_order_decides_the_makespan():
+    # one GPU; a whole-GPU job of 10 s and two half-GPU jobs of 5 s each.
+    # whole first: 0-10 alone, then both halves together 10-15 -> 15
+    big, small = ("big", 1, 1.0, 10.0), [("a", 1, 0.5, 5.0), ("b", 1, 0.5, 5.0)]
+    assert E.makespan(E.simulate([big, *small], [E.Node(4, 1)])) == 15.0
+    # halves first: together 0-5, then the whole GPU 5-15 -> also 15, but with a 20 s half job it differs:
+    # [half 20, half 5, whole 10]: 0-20 and 0-5 on the GPU, whole waits for a free GPU until 20 -> 30
+    # [whole 10, half 20, half 5]: whole 0-10, then halves 10-30 and 10-15 -> 30; longest first:
+    # [half 20, whole 10, half 5]: half 0-20, whole cannot fit, half 5 fits 0-5, whole at 20-30 -> 30
+    jobs = [("h20", 1, 0.5, 20.0), ("h5", 1, 0.5, 5.0), ("w10", 1, 1.0, 10.0)]
+    assert E.makespan(E.simulate(jobs, [E.Node(4, 1)])) == 30.0
+    # with two GPUs: h20 on GPU0 0-20, h5 on GPU0 0-5, w10 on GPU1 0-10 -> 20
+    assert E.makespan(E.simulate(jobs, [E.Node(4, 2)])) == 20.0
+
+
+def test_fractions_sit_on_one_gpu_each():
+    # two GPUs, shares 0.75, 0.75, 0.5, 0.5 of 10 s each: the 0.75s take a GPU each and leave 0.25 on both,
+    # so neither 0.5 fits although 0.5 GPU is free in sum; they run 10-20 together on one GPU -> 20
+    jobs = [("a", 1, 0.75, 10.0), ("b", 1, 0.75, 10.0), ("c", 1, 0.5, 10.0), ("d", 1, 0.5, 10.0)]
+    s = E.simulate(jobs, [E.Node(8, 2)])
+    assert E.makespan(s) == 20.0
+    assert s["c"][0] == s["d"][0] == 10.0
+
+
+def test_a_job_that_does_not_fit_does_not_hold_back_later_ones():
+    # 1 GPU: a 0.75 share runs 0-10; the next 0.5 waits, the 0.25 after it starts at once (0-4) -> 0.5 at 10-20
+    jobs = [("a", 1, 0.75, 10.0), ("b", 1, 0.5, 10.0), ("c", 1, 0.25, 4.0)]
+    s = E.simulate(jobs, [E.Node(8, 1)])
+    assert s["c"] == (0.0, 4.0) and s["b"] == (10.0, 20.0) and E.makespan(s) == 20.0
+
+
+def test_cpu_only_packing():
+    # 2 CPUs, one each: A 4 s and B 3 s start at 0; C (2 s) takes B's CPU at 3 and ends at 5 -> 5
+    jobs = [("A", 1, 0, 4.0), ("B", 1, 0, 3.0), ("C", 1, 0, 2.0)]
+    s = E.simulate(jobs, [E.Node(2)])
+    assert s["C"] == (3.0, 5.0) and E.makespan(s) == 5.0
+    # the same in the worse order (shortest first): C 0-2, B 0-3, A at 2-6 -> 6: longest first pays
+    assert E.makespan(E.simulate(list(reversed(jobs)), [E.Node(2)])) == 6.0
+    # half-CPU jobs: four fit on 2 CPUs at once -> the longest, 4
+    assert E.makespan(E.simulate([(n, 0.5, 0, d) for n, _, _, d in jobs] + [("D", 0.5, 0, 1.0)],
+                                 [E.Node(2)])) == 4.0
+
+
+def test_several_nodes_and_a_concurrency_cap():
+    # two nodes of 1 CPU/1 GPU; three whole-GPU jobs of 6 s: two at 0-6, the third 6-12 -> 12
+    jobs = [(f"g{i}", 1, 1.0, 6.0) for i in range(3)]
+    assert E.makespan(E.simulate(jobs, [E.Node(1, 1), E.Node(1, 1)])) == 12.0
+    # a 2-GPU job needs two free GPUs on one node: 2-GPU node takes it (0-5), the 1-GPU node the rest
+    jobs = [("two", 1, 2.0, 5.0), ("one", 1, 1.0, 3.0)]
+    s = E.simulate(jobs, [E.Node(1, 1), E.Node(4, 2)])
+    assert s["two"] == (0.0, 5.0) and s["one"] == (0.0, 3.0)
+    # max_concurrent 1 on a node that could run all four half-CPU jobs: one after another, 4 x 2 s -> 8
+    jobs = [(f"c{i}", 0.5, 0, 2.0) for i in range(4)]
+    assert E.makespan(E.simulate(jobs, [E.Node(2)], max_concurrent=1)) == 8.0
+
+
+def test_a_job_no_node_can_hold_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="big: asks for 1 CPU and 2 GPU"):
+        E.simulate([("big", 1, 2.0, 1.0)], [E.Node(8, 1)])
+
+
+def test_study_orders_longest_first_and_sums_device_hours():
+    est = [E.TrialEstimate("short", 2, 100.0, 0.0, 1, 0.5, "measured"),
+           E.TrialEstimate("long", 2, 900.0, 0.0, 1, 0.5, "measured"),
+           E.TrialEstimate("done", 0, 50.0, 0.0, 1, 0.5, "measured")]
+    s = E.study(est, [E.Node(2, 1)], gpu_hour_price=2.0, cpu_hour_price=0.1)
+    assert s.order() == ["long", "short"]  # finished trials are not estimated
+    long_wall, short_wall = 1800 + E.TRIAL_START_S, 200 + E.TRIAL_START_S
+    assert s.wall_s == pytest.approx(long_wall)  # both halves at once
+    assert s.gpu_hours == pytest.approx(0.5 * (long_wall + short_wall) / 3600)
+    assert s.cost == pytest.approx(2.0 * s.gpu_hours + 0.1 * s.cpu_hours)
+    assert E.StudyEstimate.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+# --- prices ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["-1", "abc", "nan", "inf", ""])
+def test_price_refuses_what_is_not_a_price(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a price per device-hour, a number >= 0"):
+        E.price(text)
+    assert E.price("2.5") == 2.5 and E.price("0") == 0.0
+
+
+def test_node_type_prices_come_from_labels():
+    cfg = {"available_node_types": {
+        "gpu": {"resources": {"GPU": 1}, "node_config": {}, "labels": {E.PRICE_LABEL: "3.06"}},
+        "cpu": {"resources": {"CPU": 8}, "node_config": {}}}}
+    assert E.node_type_prices(cfg) == {"gpu": 3.06}
+    cfg["available_node_types"]["cpu"]["labels"] = {E.PRICE_LABEL: "-2"}
+    with pytest.raises(ValueError, match="node type cpu"):
+        E.node_type_prices(cfg)
+
+
+def test_the_shipped_cluster_file_prices_are_read_and_pass_rays_validation():
+    from raybench.cluster import validate_cluster_config
+    prices = E.node_type_prices(validate_cluster_config("cluster.yaml"))
+    assert prices and all(p > 0 for p in prices.values())
+
+
+# --- calibration cache ----------------------------------------------------------------------------------
+
+def _spec(batch=32, **kw):
+    return TrialSpec(TINY_VIT, Recipe(epochs=3, batch_size=batch),
+                     DataSpec("synthetic", train_size=256, test_size=64), seed=0, **kw)
+
+
+def test_calibration_cache_hit_miss_recalibrate_and_damage(tmp_path, capsys):
+    path = tmp_path / "cal.json"
+    a, b = _spec(), dataclasses.replace(_spec(batch=64), seed=1)
+    lines = []
+    t1 = E.timings([a], {a.name: "cpu"}, {a.name: 1}, path=path, log=lines.append)
+    assert len(lines) == 1 and "calibrating" in lines[0] and path.exists()  # miss: measured, written
+    assert t1[a.name].step_s > 0 and t1[a.name].source.startswith("measured on cpu")
+    lines.clear()
+    assert E.timings([a], {a.name: "cpu"}, {a.name: 1}, path=path, log=lines.append) == t1 and not lines  # hit
+    # another batch is another entry; a second trial of the same model shares one calibration
+    same_model = dataclasses.replace(a, seed=5)
+    t2 = E.timings([a, b, same_model], {n.name: "cpu" for n in (a, b, same_model)},
+                   {n.name: 1 for n in (a, b, same_model)}, path=path, log=lines.append)
+    assert len(lines) == 1 and "batch 64" in lines[0] and t2[same_model.name] == t1[a.name]
+    lines.clear()
+    E.timings([a], {a.name: "cpu"}, {a.name: 1}, path=path, recalibrate=True, log=lines.append)
+    assert len(lines) == 1  # --recalibrate measures again
+    path.write_text("{ not json")
+    with pytest.warns(UserWarning, match="cannot be read"):
+        t3 = E.timings([a], {a.name: "cpu"}, {a.name: 1}, path=path, log=lines.append)
+    assert t3[a.name].step_s > 0 and json.loads(path.read_text())  # rebuilt
+    assert "ignoring it" in capsys.readouterr().err
+
+
+def test_a_device_not_reachable_is_assumed_from_flops_and_says_so(tmp_path):
+    a = _spec()
+    t = E.timings([a], {a.name: "assumed-cuda"}, {a.name: 1}, path=tmp_path / "none.json")
+    assert t[a.name].source == E.ASSUMPTION and t[a.name].step_s > 0
+    assert not (tmp_path / "none.json").exists()  # nothing measured, nothing cached
+    est = E.study([E.trial_estimate(a, t[a.name], {"cpu": 1, "gpu": 0.5})], [])
+    assert any("ASSUMED" in line for line in est.lines())
+
+
+def test_trial_estimate_counts_steps_evaluation_and_one_offs():
+    t = E.Timing(step_s=0.1, eval_batch_s=0.5, feature_s_per_image=0.0, compile_s=7.0, source="measured on x")
+    s = _spec()  # 256 training images at batch 32: 8 steps; 64 test images: a quarter of an eval batch
+    e = E.trial_estimate(s, t, {"cpu": 1, "gpu": 0}, epochs_done=1)
+    assert e.epoch_s == pytest.approx(8 * 0.1 + 64 / 256 * 0.5) and e.epochs == 2 and e.once_s == 7.0
+    assert e.time_s == pytest.approx(7.0 + 2 * e.epoch_s)
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+def test_eta_follows_the_measured_epochs():
+    trials = [E.TrialEstimate("a", 4, 10.0, 0.0, 1, 0, "m"), E.TrialEstimate("b", 4, 10.0, 0.0, 1, 0, "m")]
+    est = E.study(trials, [E.Node(1)]).to_dict()
+    est["trial_start_s"] = 0.0
+    # a ran 1 epoch at twice the predicted pace (20 s): 3 left at 20 s = 60 s; b, not started, is predicted
+    # at 10 s x the measured ratio 2 = 80 s, after a on the one CPU -> the study has 140 s left
+    ep = pd.DataFrame({"trial": ["a"], "epoch": [1], "train_time_s": [18.0], "eval_time_s": [2.0],
+                       "status": ["running"]})
+    left, study_left = E.eta(est, ep, running={"a"}, now=1000.0)
+    assert left == {"a": 60.0, "b": 80.0} and study_left == 140.0
+    ep.loc[0, "status"] = "ok"  # a ended: nothing left of it
+    left, study_left = E.eta(est, ep, running=set(), now=0.0)
+    assert left["a"] == 0.0 and study_left == 80.0
