@@ -210,7 +210,13 @@ def timings(specs: list[TrialSpec], device_of: dict, threads_of: dict, recalibra
             if (recalibrate and key not in fresh) or entry is None or not _valid(entry):
                 log(f"[estimate] calibrating {s.model.name} (batch {s.recipe.batch_size}, {s.precision}"
                     f"{', compiled' if s.compile else ''}, {threads} thread(s)) on {device}")
-                entry = dataclasses.asdict(calibrate(s, device, threads))
+                try:
+                    entry = dataclasses.asdict(calibrate(s, device, threads))
+                except Exception as e:  # the run itself will say what is wrong with the model; estimate on
+                    log(f"[estimate] warning: {s.model.name} cannot be timed ({type(e).__name__}: {e}); "
+                        "its figures are assumed from FLOPs")
+                    out[s.name] = assumed_timing(s, device, threads)
+                    continue
                 book[key], changed = entry, True
                 fresh.add(key)
             out[s.name] = Timing(**entry)
@@ -525,3 +531,27 @@ def ray_nodes() -> list[Node]:
     import ray
     return [Node(float(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)))
             for n in ray.nodes() if n.get("Alive")]
+
+
+def start_order(entries: list[dict], est: StudyEstimate | None) -> list[dict]:
+    """The grid's param entries in the estimate's order (longest first): Tune starts grid_search trials in the
+    order of the list. Entries the estimate does not cover keep their order, after it."""
+    if est is None:
+        return entries
+    rank = {n: i for i, n in enumerate(est.order())}
+    return sorted(entries, key=lambda e: rank.get(e["name"], len(rank)))
+
+
+def record_actual(run_dir: Path, actual_wall_s: float) -> str | None:
+    """Put the run's measured wall time (Tune's fit) beside the prediction in estimate.json; the line saying both."""
+    d = read(run_dir)
+    if d is None:
+        return None
+    d["actual_wall_s"] = actual_wall_s
+    path = Path(run_dir) / ESTIMATE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, path)
+    off = (d["wall_s"] - actual_wall_s) / actual_wall_s if actual_wall_s > 0 else math.nan
+    return (f"[grid] wall time of the trials: predicted {fmt_s(d['wall_s'])}, actual {fmt_s(actual_wall_s)}"
+            + (f" (prediction {100 * off:+.0f}%)" if math.isfinite(off) else ""))

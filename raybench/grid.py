@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+from raybench import estimate
 from raybench.configs import PRECISIONS
 from raybench.experiments import ExperimentError, builtin_experiments
 from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
@@ -89,7 +90,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "tracking URI (default URI: sqlite:///<run folder>/mlflow.db); needs "
                         f"{MLFLOW_INSTALL} (default: off)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials, their resources and the estimate (time per epoch and trial, device-hours, "
+                        "wall time, cost), start nothing")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="time every model again instead of reading the calibration cache (RAYBENCH_CALIBRATION, "
+                        "default ~/.cache/raybench/calibration.json)")
+    p.add_argument("--gpu-hour-price", type=estimate.price, metavar="P",
+                   help="price of one GPU-hour: the estimate and the summary give the study's cost (default: none)")
+    p.add_argument("--cpu-hour-price", type=estimate.price, metavar="P",
+                   help="price of one CPU-hour (one Ray CPU held for an hour), as --gpu-hour-price (default: none)")
     return p
 
 
@@ -215,15 +225,34 @@ def main(argv=None) -> int:
         return 2
     for p in problems:  # on a cluster the workers may have what this machine lacks
         print(f"[grid] warning: {p}", flush=True)
+    est = _estimate(plan, args)
     if args.dry_run:
         return 0
     if plan.local and plan.local.dashboard and plan.local.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[grid] warning: --dashboard-host {plan.local.dashboard_host}: the Ray dashboard and its job "
               "submission API (which runs arbitrary code) are reachable from other machines", flush=True)
-    return run(plan, analysis=not args.no_analysis, t_start=t_start)
+    return run(plan, analysis=not args.no_analysis, t_start=t_start, est=est)
 
 
-def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> int:
+def _estimate(plan: RunPlan, args) -> "estimate.StudyEstimate | None":
+    """The run's estimate, printed: calibrated on this machine for a local Ray, from FLOPs on a cluster; a
+    resumed run's covers what is left. None (with a warning) where it cannot be made: the run goes on."""
+    from raybench.sizing import max_concurrent
+    nodes = [estimate.Node(plan.local.cpus or os.cpu_count(), plan.local.gpus)] if plan.local else None
+    try:
+        est = estimate.for_run(plan.experiment.trials, plan.resources, nodes, cluster=plan.address is not None,
+                               max_concurrent=max_concurrent(plan.resources, plan.gpu_cap),
+                               run_dir=plan.run_dir if plan.resume else None, recalibrate=args.recalibrate,
+                               gpu_hour_price=args.gpu_hour_price, cpu_hour_price=args.cpu_hour_price,
+                               log=lambda m: print(m, flush=True))
+    except (ValueError, OSError) as e:
+        print(f"[grid] warning: no estimate ({e})", flush=True)
+        return None
+    print("\n".join(est.lines()), flush=True)
+    return est
+
+
+def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None, est=None) -> int:
     """Run the plan: one driver per run folder; a run folder this call made and that never started is removed
     again, so the same --name works next time."""
     from filelock import FileLock, Timeout
@@ -236,12 +265,12 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
         print(f"error: another `python -m raybench.grid` is running on {plan.run_dir}", file=sys.stderr)
         return 2
     try:
-        return _run_locked(plan, fresh, analysis, t_start or time.time())
+        return _run_locked(plan, fresh, analysis, t_start or time.time(), est)
     finally:
         lock.release()
 
 
-def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> int:
+def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=None) -> int:
     from raybench.session import ClusterUnavailable, check_placement, connect  # imports Ray when it starts it
     marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
@@ -269,7 +298,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     cwd = os.getcwd()
     os.chdir(plan.run_dir)
     try:
-        writer = _fit(plan, ctx, timeout)
+        writer = _fit(plan, ctx, timeout, est)
         marks["fit_done"] = time.time()
     except KeyboardInterrupt:
         print(f"[grid] interrupted: finished epochs are in {plan.run_dir}; continue with: {plan.resume_command()}",
@@ -284,7 +313,7 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     return _report(plan, writer, analysis, t_start, marks)
 
 
-def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
+def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None):
     from ray import tune
     from raybench.plan import write_run_record
     from raybench.sizing import max_concurrent
@@ -292,7 +321,11 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
     from raybench.trainable import StudyTrial
     if not plan.resume:
         write_run_record(plan)
-    writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit))
+    rows = trial_rows(plan.experiment.trials, plan.resources, plan.git_commit)
+    if est is not None:  # the epoch lines' ETAs start from it (raybench.results)
+        estimate.write(est, plan.run_dir)
+        rows = [{**r, "predicted_time_s": est.predicted_time_s().get(r["trial"], r["predicted_time_s"])} for r in rows]
+    writer = ResultsWriter(plan.run_dir, rows)
     os.environ[RUN_DIR_ENV] = str(plan.run_dir)  # for the restored writer of a resumed run (see raybench.results)
     dash = getattr(ctx, "dashboard_url", None)
     if dash:
@@ -314,7 +347,7 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None):
             print(f"[grid] no Tune state to restore at {plan.tune_path}; starting the trials again", flush=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(plan.param_entries())},
+            param_space={"trial": tune.grid_search(estimate.start_order(plan.param_entries(), est))},
             tune_config=tune.TuneConfig(
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],
@@ -380,6 +413,9 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict |
                   "tune_run_ended_at": m["fit_done"]}
         (plan.run_dir / PHASES_FILE).write_text(json.dumps(phases))
         print("[grid] phases (s): " + json.dumps(phases), flush=True)
+        line = estimate.record_actual(plan.run_dir, phases["tune_run"])
+        if line:
+            print(line, flush=True)
     print(f"[grid] {time.time() - t_start:.0f} s in all; results: {plan.run_dir}")
     return 0 if writer.all_ok() else 1
 

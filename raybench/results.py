@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from raybench import estimate
 from raybench.configs import TrialSpec
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
                               versions)
@@ -46,7 +47,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "device": "", "precision": s.precision, "dataset": s.data.name, "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
-            "total_time_s": math.nan, **ver, "git_commit": commit})
+            "total_time_s": math.nan, "predicted_time_s": math.nan, **ver, "git_commit": commit})
     return rows
 
 
@@ -118,7 +119,7 @@ class ResultsWriter(tune.Callback):
             print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
                   f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
                   f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
-                                            == "synthetic" else ")"), flush=True)
+                                            == "synthetic" else ")") + self._eta(name, ep, trials), flush=True)
         status = result.get("status", RUNNING)
         self._update_trial(name, ep, status=status, error=result.get("error", ""))
         if status not in (OK, RUNNING):
@@ -154,6 +155,15 @@ class ResultsWriter(tune.Callback):
         else:
             print(f"[grid] {name}: failed, retrying from its last checkpoint", flush=True)
 
+    def _eta(self, name: str, epochs: pd.DataFrame, trials) -> str:
+        """The trial's and the study's time left, from the run's estimate and the epochs measured so far."""
+        est = estimate.read(self.run_dir)
+        if est is None or name not in {t["name"] for t in est["trials"]}:
+            return ""
+        running = {t.config["trial"]["name"] for t in trials if t.status == "RUNNING"}
+        left, study_left = estimate.eta(est, epochs, running)
+        return f"  ETA trial {estimate.fmt_s(left[name])}, study {estimate.fmt_s(study_left)}"
+
     # --- the end ---
     def summary(self) -> str:
         t = pd.read_parquet(self.trials_path)
@@ -161,7 +171,10 @@ class ResultsWriter(tune.Callback):
                  + (" (accuracies on synthetic data)" if t.synthetic.any() else "")]
         for r in t.itertuples():
             acc = "" if math.isnan(r.final_test_acc) else f"final test acc {100 * r.final_test_acc:5.1f}%"
-            lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}")
+            pred = getattr(r, "predicted_time_s", math.nan)
+            time_s = "" if pd.isna(pred) or pd.isna(r.total_time_s) else (
+                f"  time {estimate.fmt_s(r.total_time_s)} (predicted {estimate.fmt_s(pred)})")
+            lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}{time_s}")
         return "\n".join(lines)
 
     def unfinished(self) -> list[str]:

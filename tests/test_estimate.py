@@ -187,3 +187,38 @@ def test_eta_follows_the_measured_epochs():
     ep.loc[0, "status"] = "ok"  # a ended: nothing left of it
     left, study_left = E.eta(est, ep, running=set(), now=0.0)
     assert left["a"] == 0.0 and study_left == 80.0
+
+
+def test_a_long_epoch_prints_its_step_count_at_a_steady_pace(capsys):
+    from raybench.train import Trial
+    trial = Trial(_spec(), device="cpu", threads=1)  # 256 images at batch 32: 8 steps an epoch
+    trial.progress_every_s = 0.0  # every step is "long": a line each
+    trial.train_epoch()
+    lines = [l for l in capsys.readouterr().out.splitlines() if "step" in l]
+    assert [l.split("step ")[1].split(",")[0] for l in lines] == [f"{i}/8" for i in range(1, 9)]
+    assert lines[0].startswith(f"[{trial.spec.name}] epoch 1/3: step 1/8") and "left in the epoch" in lines[0]
+    trial.progress_every_s = 3600.0  # the default pace: a short epoch says nothing until its record
+    trial.train_epoch()
+    assert "step" not in capsys.readouterr().out
+
+
+def test_the_grid_prints_the_estimate_first_and_an_eta_on_every_epoch_line(smoke_run):
+    """The smoke run's output goes to a pipe (not a terminal): plain lines, one per epoch, each with its ETAs;
+    the prediction stands beside the measured time in trials.parquet and estimate.json."""
+    run_dir, out = smoke_run
+    lines = out.splitlines()
+    first_epoch = next(i for i, l in enumerate(lines) if " epoch " in l and "test acc" in l)
+    study_line = next(i for i, l in enumerate(lines) if l.startswith("[estimate] study:"))
+    assert study_line < first_epoch and "predicted wall time" in lines[study_line]
+    epoch_lines = [l for l in lines if l.startswith("[grid] ") and "test acc" in l]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(epoch_lines) == trials.epochs_done.sum()  # one line per epoch
+    assert all("ETA trial " in l and ", study " in l for l in epoch_lines), epoch_lines
+    # the last epoch of the run leaves nothing: its study ETA is 0s
+    assert epoch_lines[-1].endswith("study 0s"), epoch_lines[-1]
+    assert (trials.predicted_time_s > 0).all() and (trials.total_time_s > 0).all()
+    est = E.read(run_dir)
+    assert est["actual_wall_s"] > 0 and est["wall_s"] > 0
+    assert [t["name"] for t in est["trials"]] == sorted([t["name"] for t in est["trials"]],
+                                                         key=lambda n: -trials.set_index("trial").predicted_time_s[n])
+    assert any(l.startswith("[grid] wall time of the trials: predicted") for l in lines)
