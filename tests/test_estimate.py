@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -210,7 +211,7 @@ def test_the_grid_prints_the_estimate_first_and_an_eta_on_every_epoch_line(smoke
     first_epoch = next(i for i, l in enumerate(lines) if " epoch " in l and "test acc" in l)
     study_line = next(i for i, l in enumerate(lines) if l.startswith("[estimate] study:"))
     assert study_line < first_epoch and "predicted wall time" in lines[study_line]
-    epoch_lines = [l for l in lines if l.startswith("[grid] ") and "test acc" in l]
+    epoch_lines = [l for l in lines if re.match(r"\[grid\] \S+ +epoch +\d+/\d+  test acc", l)]
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(epoch_lines) == trials.epochs_done.sum()  # one line per epoch
     assert all("ETA trial " in l and ", study " in l for l in epoch_lines), epoch_lines
@@ -222,3 +223,30 @@ def test_the_grid_prints_the_estimate_first_and_an_eta_on_every_epoch_line(smoke
     assert [t["name"] for t in est["trials"]] == sorted([t["name"] for t in est["trials"]],
                                                          key=lambda n: -trials.set_index("trial").predicted_time_s[n])
     assert any(l.startswith("[grid] wall time of the trials: predicted") for l in lines)
+    summary = [l for l in lines if "final test acc" in l]
+    assert len(summary) == len(trials) and all("(predicted " in l for l in summary), summary
+
+
+@pytest.mark.parametrize("flag", ["--gpu-hour-price", "--cpu-hour-price"])
+@pytest.mark.parametrize("value", ["-0.5", "two"])
+def test_price_flags_are_refused_before_ray_starts(flag, value, capsys, tmp_path):
+    from conftest import grid_main
+    rc, err = grid_main(capsys, flag, value, "--results-dir", tmp_path / "res")
+    assert rc == 2 and f"argument {flag}: '{value}': expected a price per device-hour, a number >= 0" in err
+    assert not (tmp_path / "res").exists()  # nothing was planned, let alone started
+
+
+def test_a_resumed_run_estimates_only_what_is_left(tmp_path):
+    # three trials of 3 epochs each (names differ by the ViT's patch side)
+    a, b, c = (dataclasses.replace(_spec(), model=dataclasses.replace(TINY_VIT, patch=p)) for p in (8, 16, 32))
+    pd.DataFrame({"trial": [a.name] * 2 + [b.name] * 3, "epoch": [1, 2, 1, 2, 3]}).to_parquet(
+        tmp_path / "epochs.parquet")
+    pd.DataFrame({"trial": [a.name, b.name, c.name], "status": ["running", "ok", "pending"]}).to_parquet(
+        tmp_path / "trials.parquet")
+    res = {s.name: {"cpu": 1, "gpu": 0} for s in (a, b, c)}
+    est = E.for_run([a, b, c], res, [E.Node(2)], cluster=False, run_dir=tmp_path)
+    left = {t.name: t.epochs for t in est.trials}
+    assert left == {a.name: 1, c.name: 3}  # b finished; a has one epoch of three left
+    assert any("resumed" in n for n in est.notes)
+    fresh = E.for_run([a, b, c], res, [E.Node(2)], cluster=False)
+    assert sum(t.epochs for t in fresh.trials) == 9 and fresh.cpu_hours > est.cpu_hours
