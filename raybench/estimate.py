@@ -555,3 +555,66 @@ def record_actual(run_dir: Path, actual_wall_s: float) -> str | None:
     off = (d["wall_s"] - actual_wall_s) / actual_wall_s if actual_wall_s > 0 else math.nan
     return (f"[grid] wall time of the trials: predicted {fmt_s(d['wall_s'])}, actual {fmt_s(actual_wall_s)}"
             + (f" (prediction {100 * off:+.0f}%)" if math.isfinite(off) else ""))
+
+
+class LiveView:
+    """On an interactive terminal: a bar per running trial (its epochs and ETA) under a bar for the whole study
+    (every epoch, the study's ETA), with the epoch lines written above them. tqdm, which transformers brings."""
+
+    def __init__(self, file=None):
+        from tqdm import tqdm
+        self._tqdm, self.file = tqdm, file or sys.stdout
+        self.total, self.bars = None, {}
+
+    def _bar(self, desc: str, total: int, position: int):
+        return self._tqdm(total=total, desc=desc, position=position, file=self.file, leave=False,
+                          dynamic_ncols=True, bar_format="{desc} {bar} {n_fmt}/{total_fmt}{postfix}")
+
+    def update(self, line: str, name: str, epoch: int, epochs: int, left: float, study_left: float,
+               study_done: int, study_epochs: int, ended: bool) -> None:
+        self._tqdm.write(line, file=self.file)
+        if self.total is None:
+            self.total = self._bar("study", study_epochs, 0)
+        self.total.total, self.total.n = study_epochs, study_done
+        self.total.set_postfix_str(f"ETA {fmt_s(study_left)}", refresh=True)
+        if ended:
+            bar = self.bars.pop(name, None)
+            if bar is not None:
+                bar.close()
+            return
+        if name not in self.bars:
+            used = {b.pos for b in self.bars.values()}
+            self.bars[name] = self._bar(name, epochs, next(p for p in range(1, len(used) + 2) if p not in used))
+        bar = self.bars[name]
+        bar.n = epoch
+        bar.set_postfix_str(f"ETA {fmt_s(left)}", refresh=True)
+
+    def close(self) -> None:
+        for bar in [*self.bars.values(), self.total]:
+            if bar is not None:
+                bar.close()
+        self.bars, self.total = {}, None
+
+
+_views: dict = {}  # one LiveView per run folder, kept out of the Tune callback (Tune pickles that)
+
+
+def show_epoch(line: str, run_dir: Path, name: str, epoch: int, epochs: int, est: dict | None, epochs_df,
+               running: set[str], ended: bool, tty: bool | None = None) -> None:
+    """An epoch's line with the trial's and the study's ETA: a plain line where the output is not a terminal (CI,
+    `ray job submit`, a log file), the live view where it is."""
+    tty = sys.stdout.isatty() if tty is None else tty
+    if est is None or name not in {t["name"] for t in est["trials"]}:
+        print(line, flush=True)
+        return
+    left, study_left = eta(est, epochs_df, running)
+    if not tty:
+        print(f"{line}  ETA trial {fmt_s(left[name])}, study {fmt_s(study_left)}", flush=True)
+        return
+    names = {t["name"] for t in est["trials"]}
+    view = _views.setdefault(str(run_dir), LiveView())
+    view.update(line, name, epoch, epochs, left[name], study_left,
+                int(epochs_df.trial.isin(names).sum()), sum(t["done"] + t["epochs"] for t in est["trials"]), ended)
+    if study_left == 0:
+        view.close()
+        _views.pop(str(run_dir), None)

@@ -116,10 +116,13 @@ class ResultsWriter(tune.Callback):
             ep = pd.concat([ep[~((ep.trial == name) & (ep.epoch == row["epoch"]))], pd.DataFrame([row])],
                            ignore_index=True).sort_values(["trial", "epoch"]).astype({"epoch": int})
             write_atomic(ep, self.epochs_path)
-            print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
-                  f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
-                  f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
-                                            == "synthetic" else ")") + self._eta(name, ep, trials), flush=True)
+            epochs = trial.config["trial"]["spec"]["recipe"]["epochs"]
+            line = (f"[grid] {name:<36} epoch {row['epoch']:>3}/{epochs}  test acc {100 * row['test_acc']:5.1f}%"
+                    f"  epoch {row['train_time_s']:.1f}s  ({row['device']}"
+                    + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"] == "synthetic" else ")"))
+            estimate.show_epoch(line, self.run_dir, name, row["epoch"], epochs, estimate.read(self.run_dir), ep,
+                                {t.config["trial"]["name"] for t in trials if t.status == "RUNNING"},
+                                ended=result.get("status", RUNNING) != RUNNING)
         status = result.get("status", RUNNING)
         self._update_trial(name, ep, status=status, error=result.get("error", ""))
         if status not in (OK, RUNNING):
@@ -154,15 +157,6 @@ class ResultsWriter(tune.Callback):
                   flush=True)
         else:
             print(f"[grid] {name}: failed, retrying from its last checkpoint", flush=True)
-
-    def _eta(self, name: str, epochs: pd.DataFrame, trials) -> str:
-        """The trial's and the study's time left, from the run's estimate and the epochs measured so far."""
-        est = estimate.read(self.run_dir)
-        if est is None or name not in {t["name"] for t in est["trials"]}:
-            return ""
-        running = {t.config["trial"]["name"] for t in trials if t.status == "RUNNING"}
-        left, study_left = estimate.eta(est, epochs, running)
-        return f"  ETA trial {estimate.fmt_s(left[name])}, study {estimate.fmt_s(study_left)}"
 
     # --- the end ---
     def summary(self) -> str:

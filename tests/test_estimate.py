@@ -250,3 +250,20 @@ def test_a_resumed_run_estimates_only_what_is_left(tmp_path):
     assert any("resumed" in n for n in est.notes)
     fresh = E.for_run([a, b, c], res, [E.Node(2)], cluster=False)
     assert sum(t.epochs for t in fresh.trials) == 9 and fresh.cpu_hours > est.cpu_hours
+
+
+def test_epoch_lines_are_plain_off_a_terminal_and_a_live_view_on_one(tmp_path, capsys):
+    est = E.study([E.TrialEstimate("a", 2, 10.0, 0.0, 1, 0, "m"), E.TrialEstimate("b", 2, 10.0, 0.0, 1, 0, "m")],
+                  [E.Node(2)]).to_dict()
+    ep = pd.DataFrame({"trial": ["a"], "epoch": [1], "train_time_s": [10.0], "eval_time_s": [0.0],
+                       "status": ["running"]})
+    E.show_epoch("[grid] a epoch 1/2", tmp_path, "a", 1, 2, est, ep, {"a", "b"}, ended=False, tty=False)
+    assert capsys.readouterr().out.splitlines() == [f"[grid] a epoch 1/2  ETA trial 10s, study {E.fmt_s(23.0)}"]
+    # on a terminal: the line, then the study's bar and the trial's, each with its ETA
+    E.show_epoch("[grid] a epoch 1/2", tmp_path, "a", 1, 2, est, ep, {"a", "b"}, ended=False, tty=True)
+    out = capsys.readouterr().out
+    assert "[grid] a epoch 1/2\n" in out and "study" in out and "1/4, ETA 23s" in out and "1/2, ETA 10s" in out
+    ep = pd.DataFrame({"trial": ["a", "a", "b", "b"], "epoch": [1, 2, 1, 2], "train_time_s": [10.0] * 4,
+                       "eval_time_s": [0.0] * 4, "status": ["running", "ok", "running", "ok"]})
+    E.show_epoch("[grid] b epoch 2/2", tmp_path, "b", 2, 2, est, ep, set(), ended=True, tty=True)
+    assert "[grid] b epoch 2/2" in capsys.readouterr().out and not E._views  # the study ended: view closed
