@@ -267,3 +267,17 @@ def test_epoch_lines_are_plain_off_a_terminal_and_a_live_view_on_one(tmp_path, c
                        "eval_time_s": [0.0] * 4, "status": ["running", "ok", "running", "ok"]})
     E.show_epoch("[grid] b epoch 2/2", tmp_path, "b", 2, 2, est, ep, set(), ended=True, tty=True)
     assert "[grid] b epoch 2/2" in capsys.readouterr().out and not E._views  # the study ended: view closed
+
+
+def test_the_report_sets_prediction_beside_reality(tmp_path):
+    from types import SimpleNamespace
+    from raybench.analysis.prediction import prediction_section
+    trials = pd.DataFrame({"trial": ["a", "b", "c"], "predicted_time_s": [60.0, 30.0, float("nan")],
+                           "total_time_s": [50.0, 60.0, 10.0]})
+    E.write(E.study([], []), tmp_path)
+    E.record_actual(tmp_path, 120.0)
+    text = "\n".join(prediction_section(SimpleNamespace(trials=trials, path=tmp_path)))
+    assert "| a | 1m00s | 50s | 1.20 |" in text and "| b | 30s | 1m00s | 0.50 |" in text and "| c |" not in text
+    assert "furthest off: b" in text and "actual 2m00s (prediction -100%)" in text
+    # a run from before the estimate: no section
+    assert prediction_section(SimpleNamespace(trials=trials.drop(columns="predicted_time_s"), path=tmp_path)) == []
