@@ -73,6 +73,23 @@ def node_type_prices(cluster_config: dict) -> dict[str, float]:
     return out
 
 
+def prices_from_nodes(nodes: list[dict]) -> tuple[float | None, float | None]:
+    """(GPU-hour, CPU-hour) prices from the labels of a cluster's nodes (ray.nodes()): a node with GPUs charges
+    its price over its GPUs, one without over its CPUs; the dearest node of each kind sets the price (an upper
+    bound where kinds differ). None where no node says."""
+    gpu, cpu = [], []
+    for n in nodes:
+        v, res = (n.get("Labels") or {}).get(PRICE_LABEL), n.get("Resources") or {}
+        if v is None or not n.get("Alive", True):
+            continue
+        p = price(str(v))
+        if res.get("GPU"):
+            gpu.append(p / res["GPU"])
+        elif res.get("CPU"):
+            cpu.append(p / res["CPU"])
+    return (max(gpu) if gpu else None), (max(cpu) if cpu else None)
+
+
 # --- calibration ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -357,6 +374,7 @@ class StudyEstimate:
     gpu_hour_price: float | None = None
     cpu_hour_price: float | None = None
     notes: tuple = ()
+    recalibrate: bool = False  # made with --recalibrate: a calibration on the cluster bypasses its cache too
 
     @property
     def cost(self) -> float | None:
@@ -523,7 +541,68 @@ def for_run(specs: list[TrialSpec], resources: dict, nodes: list[Node] | None, c
         notes.append(f"resumed: {sum(done.values())} finished epoch(s) are not estimated again")
     t = timings(specs, device_of, threads_of, recalibrate=recalibrate, log=log)
     est = [trial_estimate(s, t[s.name], resources[s.name], done.get(s.name, 0)) for s in specs]
-    return study(est, nodes or [], max_concurrent, gpu_hour_price, cpu_hour_price, tuple(notes))
+    return dataclasses.replace(study(est, nodes or [], max_concurrent, gpu_hour_price, cpu_hour_price,
+                                     tuple(notes)), recalibrate=recalibrate)
+
+
+CLUSTER_CALIBRATION_TIMEOUT_S = 600.0  # a GPU node the autoscaler has to start takes minutes; then: assumed
+
+
+def _timings_task(spec_dicts: list[dict], threads: int, recalibrate: bool) -> dict:
+    """On a cluster's worker, with the resources of the trials it times: their Timings, cached on that node."""
+    import ray
+    import torch
+    specs = [TrialSpec.from_dict(d) for d in spec_dicts]
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    t = timings(specs, {s.name: device for s in specs}, {s.name: threads for s in specs}, recalibrate,
+                log=lambda m: None)
+    return {n: dataclasses.asdict(v) for n, v in t.items()}
+
+
+def on_cluster(est: StudyEstimate, specs: list[TrialSpec], resources: dict, nodes: list[Node] | None,
+               timeout_s: float = CLUSTER_CALIBRATION_TIMEOUT_S, log=print) -> StudyEstimate:
+    """The estimate again, now that the driver has joined the cluster: each group of trials with the same
+    resources is calibrated by one Ray task asking for those resources (so it runs on a node of the kind the
+    trials will get), one group after another (two at once would slow each other); `nodes`: the cluster's, or
+    None where an autoscaler may add more. A group not timed within `timeout_s` keeps its FLOPs assumption."""
+    import ray
+    todo = {t.name: t for t in est.trials}
+    groups: dict = {}
+    for s in specs:
+        if s.name in todo:
+            groups.setdefault((float(resources[s.name]["cpu"]), float(resources[s.name]["gpu"])), []).append(s)
+    timed, deadline = {}, time.time() + timeout_s
+    task = ray.remote(_timings_task)
+    for (cpu, gpu), group in groups.items():
+        log(f"[estimate] calibrating {len(group)} trial(s) on the cluster with {cpu:g} CPU / {gpu:g} GPU")
+        ref = task.options(num_cpus=cpu, num_gpus=gpu).remote([s.to_dict() for s in group], max(1, int(cpu)),
+                                                              est.recalibrate)
+        ready, _ = ray.wait([ref], timeout=max(1.0, deadline - time.time()))
+        if not ready:
+            ray.cancel(ref, force=True)
+            log(f"[estimate] the cluster did not time them within {timeout_s:g} s: their figures stay assumed")
+            continue
+        try:
+            timed.update({n: Timing(**t) for n, t in ray.get(ref).items()})
+        except Exception as e:  # the trials will fail the same way and say so; the estimate stays assumed
+            log(f"[estimate] calibration on the cluster failed ({type(e).__name__}: {e}); figures stay assumed")
+    trials = [trial_estimate(s, timed[s.name], resources[s.name], todo[s.name].done) if s.name in timed
+              else todo[s.name] for s in specs if s.name in todo]
+    notes = [n for n in est.notes if not n.startswith("on a cluster")]
+    gpu_price, cpu_price = est.gpu_hour_price, est.cpu_hour_price
+    if gpu_price is None and cpu_price is None:  # the flags win; else the node types' labels (cluster.yaml)
+        try:
+            gpu_price, cpu_price = prices_from_nodes(ray.nodes())
+        except argparse.ArgumentTypeError as e:
+            log(f"[estimate] warning: a node's {PRICE_LABEL} label is not a price ({e}); no cost")
+        if gpu_price is not None or cpu_price is not None:
+            notes.append(f"prices from the nodes' {PRICE_LABEL} labels")
+    if any(t.source == ASSUMPTION for t in trials):
+        notes.append("trials not timed on the cluster: " + ASSUMPTION)
+    if nodes is None:
+        notes.append("an autoscaler may start nodes: the wall time assumes every trial runs at once")
+    return dataclasses.replace(study(trials, nodes or [], est.max_concurrent, gpu_price, cpu_price, tuple(notes)),
+                               recalibrate=est.recalibrate)
 
 
 def ray_nodes() -> list[Node]:

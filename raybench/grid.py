@@ -281,6 +281,11 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=
             autoscaling, note = check_placement(plan.resources)
             if note:
                 print(f"[grid] note: {note}", flush=True)
+            if est is not None:  # the workers' devices, timed by Ray tasks on them
+                est = estimate.on_cluster(est, plan.experiment.trials, plan.resources,
+                                          None if autoscaling else estimate.ray_nodes(),
+                                          log=lambda m: print(m, flush=True))
+                print("\n".join(est.lines()), flush=True)
     except (ClusterUnavailable, ExperimentError) as e:
         import ray
         ray.shutdown()

@@ -281,3 +281,29 @@ def test_the_report_sets_prediction_beside_reality(tmp_path):
     assert "furthest off: b" in text and "actual 2m00s (prediction -100%)" in text
     # a run from before the estimate: no section
     assert prediction_section(SimpleNamespace(trials=trials.drop(columns="predicted_time_s"), path=tmp_path)) == []
+
+
+def test_prices_from_the_labels_of_a_clusters_nodes():
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0}, "Labels": {E.PRICE_LABEL: "0.4"}},
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}, "Labels": {E.PRICE_LABEL: "6.0"}},
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}, "Labels": {E.PRICE_LABEL: "1.2"}},
+             {"Alive": True, "Resources": {"CPU": 2.0}}]  # no label: says nothing
+    assert E.prices_from_nodes(nodes) == (1.5, 0.05)  # 6.0 / 4 GPUs beats 1.2 / 1; 0.4 / 8 CPUs
+    assert E.prices_from_nodes(nodes[3:]) == (None, None)
+
+
+def test_on_a_cluster_a_ray_task_with_the_trials_resources_times_them(tmp_path):
+    """Before joining, a cluster's devices are assumed from FLOPs; joined, a Ray task asking for the trial's own
+    resources (a GPU fraction here: a logical GPU, so the task trains on CPU) times the model on a worker."""
+    import ray
+    a = _spec()
+    res = {a.name: {"cpu": 1, "gpu": 0.5}}
+    before = E.for_run([a], res, None, cluster=True)
+    assert before.trials[0].source == E.ASSUMPTION and any("cannot be timed" in n for n in before.notes)
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        after = E.on_cluster(before, [a], res, E.ray_nodes(), log=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert after.trials[0].source.startswith("measured on cpu") and after.nodes == [E.Node(1.0, 1)]
+    assert not any(E.ASSUMPTION in n for n in after.notes)
