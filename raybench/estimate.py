@@ -190,6 +190,17 @@ def calibrate(spec: TrialSpec, device: str, threads: int) -> Timing:
     return Timing(step_s, eval_s, feature_s, compile_s, f"measured on {device_label(device)}")
 
 
+def calibrate_apart(spec: TrialSpec, device: str, threads: int) -> Timing:
+    """`calibrate`, in a process of its own where the device is a GPU: the driver must not keep a CUDA context
+    and the allocator's cached memory on a GPU its trials are about to share."""
+    if not device.startswith("cuda"):
+        return calibrate(spec, device, threads)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(calibrate, spec, device, threads).result()
+
+
 def assumed_timing(spec: TrialSpec, device: str, threads: int) -> Timing:
     """From FLOPs at ASSUMED_FLOPS_PER_S, for a device that cannot be timed here."""
     from raybench.complexity import complexity
@@ -228,7 +239,7 @@ def timings(specs: list[TrialSpec], device_of: dict, threads_of: dict, recalibra
                 log(f"[estimate] calibrating {s.model.name} (batch {s.recipe.batch_size}, {s.precision}"
                     f"{', compiled' if s.compile else ''}, {threads} thread(s)) on {device}")
                 try:
-                    entry = dataclasses.asdict(calibrate(s, device, threads))
+                    entry = dataclasses.asdict(calibrate_apart(s, device, threads))
                 except Exception as e:  # the run itself will say what is wrong with the model; estimate on
                     log(f"[estimate] warning: {s.model.name} cannot be timed ({type(e).__name__}: {e}); "
                         "its figures are assumed from FLOPs")
@@ -421,10 +432,12 @@ class StudyEstimate:
 
 def study(estimates: list[TrialEstimate], nodes: list[Node], max_concurrent: int = 0,
           gpu_hour_price: float | None = None, cpu_hour_price: float | None = None,
-          notes: tuple = ()) -> StudyEstimate:
+          notes: tuple = (), longest_first: bool = True) -> StudyEstimate:
     """The study's estimate: trials ordered longest first (Tune starts them in that order, so the longest do not
-    end up alone at the end), packed into `nodes` ([]: all at once)."""
-    todo = sorted((e for e in estimates if e.epochs > 0), key=lambda e: -e.wall_s)
+    end up alone at the end; else in the given order), packed into `nodes` ([]: all at once)."""
+    todo = [e for e in estimates if e.epochs > 0]
+    if longest_first:
+        todo.sort(key=lambda e: -e.wall_s)
     jobs = [(e.name, e.cpu, e.gpu, e.wall_s) for e in todo]
     wall = makespan(simulate(jobs, nodes, max_concurrent)) if nodes else max((j[3] for j in jobs), default=0.0)
     return StudyEstimate(todo, list(nodes), max_concurrent, wall,
@@ -517,10 +530,12 @@ def trial_status(run_dir: Path) -> dict[str, str]:
 
 def for_run(specs: list[TrialSpec], resources: dict, nodes: list[Node] | None, cluster: bool,
             max_concurrent: int = 0, run_dir: Path | None = None, recalibrate: bool = False,
-            gpu_hour_price: float | None = None, cpu_hour_price: float | None = None, log=print) -> StudyEstimate:
+            gpu_hour_price: float | None = None, cpu_hour_price: float | None = None, longest_first: bool = True,
+            log=print) -> StudyEstimate:
     """The estimate of a run: its trials (`specs`, `resources` by name), timed on this machine's devices for a
     local run, assumed from FLOPs on a cluster (the driver's machine is not the workers'). `nodes`: the
-    resources the trials are packed into (None: unknown). With `run_dir` of a resumed run, only the epochs left."""
+    resources the trials are packed into (None: unknown). With `run_dir` of a resumed run, only the epochs left.
+    `longest_first=False` keeps the trials' order (a scheduler whose decisions depend on it: ASHA)."""
     import torch
     done = epochs_done(run_dir) if run_dir is not None else {}
     status = trial_status(run_dir) if run_dir is not None else {}
@@ -542,7 +557,7 @@ def for_run(specs: list[TrialSpec], resources: dict, nodes: list[Node] | None, c
     t = timings(specs, device_of, threads_of, recalibrate=recalibrate, log=log)
     est = [trial_estimate(s, t[s.name], resources[s.name], done.get(s.name, 0)) for s in specs]
     return dataclasses.replace(study(est, nodes or [], max_concurrent, gpu_hour_price, cpu_hour_price,
-                                     tuple(notes)), recalibrate=recalibrate)
+                                     tuple(notes), longest_first), recalibrate=recalibrate)
 
 
 CLUSTER_CALIBRATION_TIMEOUT_S = 600.0  # a GPU node the autoscaler has to start takes minutes; then: assumed
@@ -601,8 +616,8 @@ def on_cluster(est: StudyEstimate, specs: list[TrialSpec], resources: dict, node
         notes.append("trials not timed on the cluster: " + ASSUMPTION)
     if nodes is None:
         notes.append("an autoscaler may start nodes: the wall time assumes every trial runs at once")
-    return dataclasses.replace(study(trials, nodes or [], est.max_concurrent, gpu_price, cpu_price, tuple(notes)),
-                               recalibrate=est.recalibrate)
+    return dataclasses.replace(study(trials, nodes or [], est.max_concurrent, gpu_price, cpu_price, tuple(notes),
+                                     longest_first=False), recalibrate=est.recalibrate)  # est's order stays
 
 
 def ray_nodes() -> list[Node]:

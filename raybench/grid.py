@@ -9,6 +9,7 @@ results written to Parquet as they arrive and the analysis run at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -239,15 +240,21 @@ def _estimate(plan: RunPlan, args) -> "estimate.StudyEstimate | None":
     resumed run's covers what is left. None (with a warning) where it cannot be made: the run goes on."""
     from raybench.sizing import max_concurrent
     nodes = [estimate.Node(plan.local.cpus or os.cpu_count(), plan.local.gpus)] if plan.local else None
+    # ASHA judges a trial against those that reached its rung before it: the experiment's order is part of the
+    # experiment, so it is kept; FIFO starts the longest trials first
+    fifo = plan.settings["scheduler"] == "fifo"
     try:
         est = estimate.for_run(plan.experiment.trials, plan.resources, nodes, cluster=plan.address is not None,
                                max_concurrent=max_concurrent(plan.resources, plan.gpu_cap),
                                run_dir=plan.run_dir if plan.resume else None, recalibrate=args.recalibrate,
                                gpu_hour_price=args.gpu_hour_price, cpu_hour_price=args.cpu_hour_price,
-                               log=lambda m: print(m, flush=True))
+                               longest_first=fifo, log=lambda m: print(m, flush=True))
     except (ValueError, OSError) as e:
         print(f"[grid] warning: no estimate ({e})", flush=True)
         return None
+    if not fifo:
+        est = dataclasses.replace(est, notes=(*est.notes, "ASHA may stop trials early: the estimate assumes every "
+                                              "trial runs all its epochs, in the experiment's order"))
     print("\n".join(est.lines()), flush=True)
     return est
 
@@ -389,6 +396,9 @@ def make_scheduler(plan: RunPlan):
                              grace_period=plan.settings["asha_grace_epochs"])
     else:
         base = FIFOScheduler()
+    if plan.local is not None:  # one node: a CPU trial takes the CPUs finished trials free (raybench.rescale)
+        from raybench.rescale import CpuGrowth
+        return CpuGrowth(OomRequeue(base))
     return OomRequeue(base)
 
 

@@ -307,3 +307,34 @@ def test_on_a_cluster_a_ray_task_with_the_trials_resources_times_them(tmp_path):
         ray.shutdown()
     assert after.trials[0].source.startswith("measured on cpu") and after.nodes == [E.Node(1.0, 1)]
     assert not any(E.ASSUMPTION in n for n in after.notes)
+
+
+# --- CPUs freed by finished trials ----------------------------------------------------------------------
+
+def test_extra_cpus_only_when_free_nothing_waits_and_the_epochs_are_long():
+    from raybench.rescale import extra_cpus
+    assert extra_cpus(3.0, 1.0, 4.0, epochs_left=5, epoch_s=60, waiting=0, min_epoch_s=20) == 3
+    assert extra_cpus(1.5, 1.0, 4.0, 5, 60, 0, 20) == 1  # whole CPUs: threads
+    assert extra_cpus(8.0, 1.0, 4.0, 5, 60, 0, 20) == 3  # no more than the node has
+    assert extra_cpus(3.0, 1.0, 4.0, 5, 60, waiting=1, min_epoch_s=20) == 0  # a waiting trial needs them
+    assert extra_cpus(3.0, 1.0, 4.0, 0, 60, 0, 20) == 0  # nothing left to run
+    assert extra_cpus(3.0, 1.0, 4.0, 5, 5, 0, 20) == 0  # a restart costs more than short epochs gain
+
+
+def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
+    """Two CPU trials on 2 CPUs: a one-epoch ViT ends first, and a four-epoch one goes on with both CPUs (two
+    torch threads) from its next epoch, resumed from its checkpoint with every epoch once."""
+    from conftest import run_grid
+    exp = tmp_path / "grow.yaml"
+    exp.write_text("name: grow\ndataset: {name: synthetic, train_size: 1000, test_size: 200}\nnum_classes: 10\n"
+                   "recipes: [seed]\nseeds: [0]\nepochs: 4\n"
+                   "models:\n  - {name: vit-p8-e32-l1-h2-m2, epochs: 1}\n  - vit-p4-e32-l2-h2-m2\n")
+    r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", tmp_path, "--name", "grow",
+                 "--no-analysis", env={"RAYBENCH_GROW_MIN_EPOCH_S": "0"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ep = pd.read_parquet(tmp_path / "grow" / "epochs.parquet")
+    assert not ep.duplicated(["trial", "epoch"]).any()
+    long = ep[ep.trial.str.startswith("vit-p4")].sort_values("epoch")
+    assert long.epoch.tolist() == [1, 2, 3, 4], ep[["trial", "epoch", "threads"]]
+    assert long.threads.iloc[0] == 1 and long.threads.iloc[-1] == 2, ep[["trial", "epoch", "threads"]]
+    assert "goes on with 2 CPUs" in r.stdout
