@@ -292,23 +292,6 @@ def test_prices_from_the_labels_of_a_clusters_nodes():
     assert E.prices_from_nodes(nodes[3:]) == (None, None)
 
 
-def test_on_a_cluster_a_ray_task_with_the_trials_resources_times_them(tmp_path):
-    """Before joining, a cluster's devices are assumed from FLOPs; joined, a Ray task asking for the trial's own
-    resources (a GPU fraction here: a logical GPU, so the task trains on CPU) times the model on a worker."""
-    import ray
-    a = _spec()
-    res = {a.name: {"cpu": 1, "gpu": 0.5}}
-    before = E.for_run([a], res, None, cluster=True)
-    assert before.trials[0].source == E.ASSUMPTION and any("cannot be timed" in n for n in before.notes)
-    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        after = E.on_cluster(before, [a], res, E.ray_nodes(), log=lambda m: None)
-    finally:
-        ray.shutdown()
-    assert after.trials[0].source.startswith("measured on cpu") and after.nodes == [E.Node(1.0, 1)]
-    assert not any(E.ASSUMPTION in n for n in after.notes)
-
-
 # --- CPUs freed by finished trials ----------------------------------------------------------------------
 
 def test_extra_cpus_only_when_free_nothing_waits_and_the_epochs_are_long():
