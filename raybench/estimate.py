@@ -579,7 +579,9 @@ def on_cluster(est: StudyEstimate, specs: list[TrialSpec], resources: dict, node
     """The estimate again, now that the driver has joined the cluster: each group of trials with the same
     resources is calibrated by one Ray task asking for those resources (so it runs on a node of the kind the
     trials will get), one group after another (two at once would slow each other); `nodes`: the cluster's, or
-    None where an autoscaler may add more. A group not timed within `timeout_s` keeps its FLOPs assumption."""
+    None where an autoscaler may add more. A group not timed within `timeout_s` keeps its FLOPs assumption, and so
+    does one that a cluster without an autoscaler has no room for now (its trials will wait for room too: the
+    calibration must not wait before them)."""
     import ray
     todo = {t.name: t for t in est.trials}
     groups: dict = {}
@@ -589,6 +591,11 @@ def on_cluster(est: StudyEstimate, specs: list[TrialSpec], resources: dict, node
     timed, deadline = {}, time.time() + timeout_s
     task = ray.remote(_timings_task)
     for (cpu, gpu), group in groups.items():
+        free = ray.available_resources()
+        if nodes is not None and (free.get("CPU", 0) + EPS < cpu or free.get("GPU", 0) + EPS < gpu):
+            log(f"[estimate] no room for {cpu:g} CPU / {gpu:g} GPU on the cluster now: {len(group)} trial(s) "
+                "stay assumed")
+            continue
         log(f"[estimate] calibrating {len(group)} trial(s) on the cluster with {cpu:g} CPU / {gpu:g} GPU")
         ref = task.options(num_cpus=cpu, num_gpus=gpu).remote([s.to_dict() for s in group], max(1, int(cpu)),
                                                               est.recalibrate)
