@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +152,6 @@ def read_cache(path: Path) -> dict:
             raise ValueError("not a JSON object of objects")
         return data
     except (OSError, ValueError) as e:
-        warnings.warn(f"calibration cache {path} cannot be read ({e}); ignoring it and calibrating again")
         print(f"[estimate] warning: calibration cache {path} cannot be read ({e}); ignoring it and "
               "calibrating again", file=sys.stderr, flush=True)
         return {}

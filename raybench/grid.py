@@ -288,11 +288,6 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=
             autoscaling, note = check_placement(plan.resources)
             if note:
                 print(f"[grid] note: {note}", flush=True)
-            if est is not None:  # the workers' devices, timed by Ray tasks on them
-                est = estimate.on_cluster(est, plan.experiment.trials, plan.resources,
-                                          None if autoscaling else estimate.ray_nodes(),
-                                          log=lambda m: print(m, flush=True))
-                print("\n".join(est.lines()), flush=True)
     except (ClusterUnavailable, ExperimentError) as e:
         import ray
         ray.shutdown()
@@ -310,6 +305,14 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=
     cwd = os.getcwd()
     os.chdir(plan.run_dir)
     try:
+        if plan.address and est is not None:  # the workers' devices, timed by Ray tasks on them (after the
+            # chdir above: a worker unpacking a job's package may replace the folder the driver started in)
+            t0 = time.time()
+            est = estimate.on_cluster(est, plan.experiment.trials, plan.resources,
+                                      None if autoscaling else estimate.ray_nodes(),
+                                      log=lambda m: print(m, flush=True))
+            print("\n".join(est.lines()), flush=True)
+            marks["cluster_calibration"] = time.time() - t0  # not the trials' time: the prediction leaves it out
         writer = _fit(plan, ctx, timeout, est)
         marks["fit_done"] = time.time()
     except KeyboardInterrupt:
@@ -428,7 +431,7 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict |
                   "tune_run_ended_at": m["fit_done"]}
         (plan.run_dir / PHASES_FILE).write_text(json.dumps(phases))
         print("[grid] phases (s): " + json.dumps(phases), flush=True)
-        line = estimate.record_actual(plan.run_dir, phases["tune_run"])
+        line = estimate.record_actual(plan.run_dir, phases["tune_run"] - m.get("cluster_calibration", 0.0))
         if line:
             print(line, flush=True)
     print(f"[grid] {time.time() - t_start:.0f} s in all; results: {plan.run_dir}")
