@@ -262,14 +262,15 @@ def _valid(entry: dict) -> bool:
 def split_sizes(spec: TrialSpec) -> tuple[int, int]:
     """(training images, test images) of the trial's data."""
     from raybench.data import CIFAR_TEST, CIFAR_TRAIN
-    from raybench.sizing import count_images
+    from raybench.sizing import IMAGE_SUFFIXES
     d = spec.data
     if d.name == "synthetic":
         return d.train_size, d.test_size
     if d.name == "cifar100":
         return CIFAR_TRAIN, CIFAR_TEST
     root = Path(d.data_dir).expanduser()
-    return count_images(root / "train"), count_images(root / "test")
+    return tuple(sum(f.lower().endswith(IMAGE_SUFFIXES) for _, _, files in os.walk(root / split) for f in files)
+                 for split in ("train", "test"))
 
 
 @dataclass(frozen=True)

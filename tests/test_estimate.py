@@ -321,3 +321,13 @@ def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
     assert long.epoch.tolist() == [1, 2, 3, 4], ep[["trial", "epoch", "threads"]]
     assert long.threads.iloc[0] == 1 and long.threads.iloc[-1] == 2, ep[["trial", "epoch", "threads"]]
     assert "goes on with 2 CPUs" in r.stdout
+
+
+def test_an_image_folders_splits_are_counted_by_suffix(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for i in range(n):
+            (tmp_path / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / f"c{i % 2}" / f"{i}.png").write_bytes(b"")
+    (tmp_path / "train" / "c0" / "notes.txt").write_text("not an image")
+    spec = dataclasses.replace(_spec(), data=DataSpec("imagefolder", str(tmp_path)))
+    assert E.split_sizes(spec) == (3, 2)
