@@ -421,7 +421,7 @@ class StudyEstimate:
             out.append(f"[estimate]   {s}")
         where = (", ".join(f"{n.cpus:g} CPU/{n.gpus} GPU" for n in self.nodes) if self.nodes
                  else "resources unknown before joining: every trial at once")
-        out.append(f"[estimate] study: {self.gpu_hours:.2f} GPU-hours, {self.cpu_hours:.2f} CPU-hours; "
+        out.append(f"[estimate] study: {self.gpu_hours:.3g} GPU-hours, {self.cpu_hours:.3g} CPU-hours; "
                    f"predicted wall time {fmt_s(self.wall_s)} on {where}"
                    + (f"; cost {self.cost:.2f} at {self.gpu_hour_price or 0:g}/GPU-hour and "
                       f"{self.cpu_hour_price or 0:g}/CPU-hour" if self.cost is not None else ""))
