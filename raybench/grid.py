@@ -9,6 +9,7 @@ results written to Parquet as they arrive and the analysis run at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 
+from raybench import estimate
 from raybench.configs import PRECISIONS
 from raybench.experiments import ExperimentError, builtin_experiments
 from raybench.plan import MLFLOW_IN_RUN_FOLDER, RunPlan, make_plan
@@ -90,7 +92,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "tracking URI (default URI: sqlite:///<run folder>/mlflow.db); needs "
                         f"{MLFLOW_INSTALL} (default: off)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials, their resources and the estimate (time per epoch and trial, device-hours, "
+                        "wall time, cost), start nothing")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="time every model again instead of reading the calibration cache (RAYBENCH_CALIBRATION, "
+                        "default ~/.cache/raybench/calibration.json)")
+    p.add_argument("--gpu-hour-price", type=estimate.price, metavar="P",
+                   help="price of one GPU-hour: the estimate and the summary give the study's cost (default: none)")
+    p.add_argument("--cpu-hour-price", type=estimate.price, metavar="P",
+                   help="price of one CPU-hour (one Ray CPU held for an hour), as --gpu-hour-price (default: none)")
     return p
 
 
@@ -218,15 +229,40 @@ def main(argv=None) -> int:
         return 2
     for p in problems:  # on a cluster the workers may have what this machine lacks
         print(f"[grid] warning: {p}", flush=True)
+    est = _estimate(plan, args)
     if args.dry_run:
         return 0
     if plan.local and plan.local.dashboard and plan.local.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[grid] warning: --dashboard-host {plan.local.dashboard_host}: the Ray dashboard and its job "
               "submission API (which runs arbitrary code) are reachable from other machines", flush=True)
-    return run(plan, analysis=not args.no_analysis, t_start=t_start)
+    return run(plan, analysis=not args.no_analysis, t_start=t_start, est=est)
 
 
-def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> int:
+def _estimate(plan: RunPlan, args) -> "estimate.StudyEstimate | None":
+    """The run's estimate, printed: calibrated on this machine for a local Ray, from FLOPs on a cluster; a
+    resumed run's covers what is left. None (with a warning) where it cannot be made: the run goes on."""
+    from raybench.sizing import max_concurrent
+    nodes = [estimate.Node(plan.local.cpus or os.cpu_count(), plan.local.gpus)] if plan.local else None
+    # ASHA judges a trial against those that reached its rung before it: the experiment's order is part of the
+    # experiment, so it is kept; FIFO starts the longest trials first
+    fifo = plan.settings["scheduler"] == "fifo"
+    try:
+        est = estimate.for_run(plan.experiment.trials, plan.resources, nodes, cluster=plan.address is not None,
+                               max_concurrent=max_concurrent(plan.resources, plan.gpu_cap),
+                               run_dir=plan.run_dir if plan.resume else None, recalibrate=args.recalibrate,
+                               gpu_hour_price=args.gpu_hour_price, cpu_hour_price=args.cpu_hour_price,
+                               longest_first=fifo, log=lambda m: print(m, flush=True))
+    except (ValueError, OSError) as e:
+        print(f"[grid] warning: no estimate ({e})", flush=True)
+        return None
+    if not fifo:
+        est = dataclasses.replace(est, notes=(*est.notes, "ASHA may stop trials early: the estimate assumes every "
+                                              "trial runs all its epochs, in the experiment's order"))
+    print("\n".join(est.lines()), flush=True)
+    return est
+
+
+def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None, est=None) -> int:
     """Run the plan: one driver per run folder; a run folder this call made and that never started is removed
     again, so the same --name works next time."""
     from filelock import FileLock, Timeout
@@ -239,14 +275,14 @@ def run(plan: RunPlan, analysis: bool = True, t_start: float | None = None) -> i
         print(f"error: another `python -m raybench.grid` is running on {plan.run_dir}", file=sys.stderr)
         return 2
     try:
-        return _run_locked(plan, fresh, analysis, t_start or time.time())
+        return _run_locked(plan, fresh, analysis, t_start or time.time(), est)
     except KeyboardInterrupt:  # a stop signal outside Tune's loop, or a second one
         return STOP.report(plan)
     finally:
         lock.release()
 
 
-def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> int:
+def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=None) -> int:
     from raybench.session import ClusterUnavailable, check_placement, connect  # imports Ray when it starts it
     from raybench import recover
     notes, redo = [], set()
@@ -285,7 +321,15 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float) -> i
     cwd = os.getcwd()
     os.chdir(plan.run_dir)
     try:
-        writer = _fit(plan, ctx, timeout, recount=bool(notes), redo=redo)
+        if plan.address and est is not None:  # the workers' devices, timed by Ray tasks on them (after the
+            # chdir above: a worker unpacking a job's package may replace the folder the driver started in)
+            t0 = time.time()
+            est = estimate.on_cluster(est, plan.experiment.trials, plan.resources,
+                                      None if autoscaling else estimate.ray_nodes(),
+                                      log=lambda m: print(m, flush=True))
+            print("\n".join(est.lines()), flush=True)
+            marks["cluster_calibration"] = time.time() - t0  # not the trials' time: the prediction leaves it out
+        writer = _fit(plan, ctx, timeout, est, recount=bool(notes), redo=redo)
         marks["fit_done"] = time.time()
     except Exception as e:  # a full disk anywhere Tune or raybench writes ends fit() with it inside a TuneError
         if recover.disk_full_path(e) is None:
@@ -321,7 +365,8 @@ def _disk_full(plan: RunPlan, e: BaseException) -> int:
     return 2
 
 
-def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = False, redo: set = frozenset()):
+def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None, recount: bool = False,
+         redo: set = frozenset()):
     from ray import tune
     from raybench import recover
     from raybench.plan import write_run_record
@@ -330,8 +375,11 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = Fa
     from raybench.trainable import StudyTrial
     if not plan.resume:
         write_run_record(plan)
-    writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit),
-                           recount=recount)
+    rows = trial_rows(plan.experiment.trials, plan.resources, plan.git_commit)
+    if est is not None:  # the epoch lines' ETAs start from it (raybench.results)
+        estimate.write(est, plan.run_dir)
+        rows = [{**r, "predicted_time_s": est.predicted_time_s().get(r["trial"], r["predicted_time_s"])} for r in rows]
+    writer = ResultsWriter(plan.run_dir, rows, recount=recount)
     watch_ray_logs_for_a_full_disk()
     os.environ[RUN_DIR_ENV] = str(plan.run_dir)  # for the restored writer of a resumed run (see raybench.results)
     dash = getattr(ctx, "dashboard_url", None)
@@ -369,7 +417,7 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, recount: bool = Fa
                 return writer
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(entries)},
+            param_space={"trial": tune.grid_search(estimate.start_order(entries, est))},
             tune_config=tune.TuneConfig(
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],
@@ -401,10 +449,15 @@ def make_scheduler(plan: RunPlan):
     from raybench.trainable import AshaOomRequeue, FifoOomRequeue
     if plan.settings["scheduler"] == "asha":
         # One iteration is one epoch (StudyTrial.step); rungs at grace, grace*4, ... below the longest trial.
-        return AshaOomRequeue(time_attr="training_iteration", metric="test_acc", mode="max",
-                              max_t=max(t.recipe.epochs for t in plan.experiment.trials),
-                              grace_period=plan.settings["asha_grace_epochs"])
-    return FifoOomRequeue()
+        sched = AshaOomRequeue(time_attr="training_iteration", metric="test_acc", mode="max",
+                               max_t=max(t.recipe.epochs for t in plan.experiment.trials),
+                               grace_period=plan.settings["asha_grace_epochs"])
+    else:
+        sched = FifoOomRequeue()
+    if plan.local is not None:  # one node: a CPU trial takes the CPUs finished trials free (raybench.rescale)
+        from raybench.rescale import CpuGrowth
+        return CpuGrowth(sched)
+    return sched
 
 
 PHASES_FILE = "phases.json"  # where the run's wall time went, in the run folder (raybench.bench reads it)
@@ -435,6 +488,9 @@ def _report(plan: RunPlan, writer, analysis: bool, t_start: float, marks: dict |
                   "tune_run_ended_at": m["fit_done"]}
         (plan.run_dir / PHASES_FILE).write_text(json.dumps(phases))
         print("[grid] phases (s): " + json.dumps(phases), flush=True)
+        line = estimate.record_actual(plan.run_dir, phases["tune_run"] - m.get("cluster_calibration", 0.0))
+        if line:
+            print(line, flush=True)
     print(f"[grid] {time.time() - t_start:.0f} s in all; results: {plan.run_dir}")
     return 0 if writer.all_ok() else 1
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from raybench import estimate
 from raybench.configs import TrialSpec
 from raybench.recover import DiskFull, write_atomic
 from raybench.records import (EPOCH_COLUMNS, ERROR, OK, PENDING, RUNNING, STOPPED_EARLY, UNFINISHED, epoch_summary,
@@ -49,7 +50,7 @@ def trial_rows(specs: list[TrialSpec], resources: dict[str, dict], commit: str =
             "device": "", "precision": s.precision, "dataset": s.data.name, "data_dir": s.data.data_dir or "", "synthetic": s.data.name == "synthetic",
             "status": PENDING, "error": "", "epochs_done": 0, "final_test_acc": math.nan,
             "best_test_acc": math.nan, "test_acc_at_10": math.nan, "mean_epoch_time_s": math.nan,
-            "total_time_s": math.nan, **ver, "git_commit": commit})
+            "total_time_s": math.nan, "predicted_time_s": math.nan, **ver, "git_commit": commit})
     return rows
 
 
@@ -151,10 +152,13 @@ class ResultsWriter(tune.Callback):
             ep = pd.concat([ep[~((ep.trial == name) & (ep.epoch == row["epoch"]))], pd.DataFrame([row])],
                            ignore_index=True).sort_values(["trial", "epoch"]).astype({"epoch": int})
             write_atomic(ep, self.epochs_path)
-            print(f"[grid] {name:<36} epoch {row['epoch']:>3}/{trial.config['trial']['spec']['recipe']['epochs']}"
-                  f"  test acc {100 * row['test_acc']:5.1f}%  epoch {row['train_time_s']:.1f}s"
-                  f"  ({row['device']}" + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"]
-                                            == "synthetic" else ")"), flush=True)
+            epochs = trial.config["trial"]["spec"]["recipe"]["epochs"]
+            line = (f"[grid] {name:<36} epoch {row['epoch']:>3}/{epochs}  test acc {100 * row['test_acc']:5.1f}%"
+                    f"  epoch {row['train_time_s']:.1f}s  ({row['device']}"
+                    + (", synthetic data)" if trial.config["trial"]["spec"]["data"]["name"] == "synthetic" else ")"))
+            estimate.show_epoch(line, self.run_dir, name, row["epoch"], epochs, estimate.read(self.run_dir), ep,
+                                {t.config["trial"]["name"] for t in trials if t.status == "RUNNING"},
+                                ended=result.get("status", RUNNING) != RUNNING)
         if result.get("note"):  # what the trial did on its own (raybench.trainable: a checkpoint that did not load)
             print(f"[grid] {name}: {result['note']}", flush=True)
         status = result.get("status", RUNNING)
@@ -201,7 +205,10 @@ class ResultsWriter(tune.Callback):
                  + (" (accuracies on synthetic data)" if t.synthetic.any() else "")]
         for r in t.itertuples():
             acc = "" if math.isnan(r.final_test_acc) else f"final test acc {100 * r.final_test_acc:5.1f}%"
-            lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}")
+            pred = getattr(r, "predicted_time_s", math.nan)
+            time_s = "" if pd.isna(pred) or pd.isna(r.total_time_s) else (
+                f"  time {estimate.fmt_s(r.total_time_s)} (predicted {estimate.fmt_s(pred)})")
+            lines.append(f"[grid]   {r.trial:<40} {r.status:<9} {r.epochs_done:>3}/{r.epochs} epochs  {acc}{time_s}")
         return "\n".join(lines)
 
     def unfinished(self) -> list[str]:

@@ -28,6 +28,10 @@ from raybench.sizing import (CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_ON, 
 from raybench.records import DIVERGED, OK, OOM, RUNNING
 
 
+# A long epoch says how far it has got at this pace: minutes of silence read as a hung run.
+PROGRESS_EVERY_S = 30.0
+
+
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, r: Recipe) -> float:
     """The learning rate as a pure function of the optimiser step."""
     if r.schedule == "constant":
@@ -112,6 +116,8 @@ class Trial:
 
     `feature_cache=False` turns off the frozen-backbone feature cache (the uncached path, kept for the test
     that the two agree); `compile` defaults to `spec.compile`."""
+
+    progress_every_s = PROGRESS_EVERY_S  # an epoch running longer prints its step count this often
 
     def __init__(self, spec: TrialSpec, device: str | None = None, threads: int | None = None,
                  dataset: Dataset | None = None, feature_cache: bool = True, compile: bool | None = None):
@@ -241,7 +247,8 @@ class Trial:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         self._sync()
         t0 = time.perf_counter()
-        for idx in epoch_indices(len(d.train_y), r.batch_size, self.gen, self.device):
+        next_note = t0 + self.progress_every_s
+        for i, idx in enumerate(epoch_indices(len(d.train_y), r.batch_size, self.gen, self.device), 1):
             lr = lr_at(self.step, total_steps, self.steps_per_epoch, r)
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -255,11 +262,22 @@ class Trial:
             self.step += 1
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
+            if time.perf_counter() >= next_note:
+                next_note = self._note_progress(i, t0)
         self._sync()
         dt = time.perf_counter() - t0
         n = len(d.train_y)
         return {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "train_time_s": dt,
                 "images_per_s": n / dt, "lr": lr}
+
+    def _note_progress(self, steps: int, t0: float) -> float:
+        """One line on the epoch so far (on a GPU, steps queued: the device may be a few behind); returns when
+        the next is due."""
+        now = time.perf_counter()
+        left = (now - t0) / steps * (self.steps_per_epoch - steps)
+        print(f"[{self.spec.name}] epoch {self.epoch + 1}/{self.recipe.epochs}: step {steps}/{self.steps_per_epoch}, "
+              f"{now - t0:.0f}s in, about {left:.0f}s of training left in the epoch", flush=True)
+        return now + self.progress_every_s
 
     @torch.no_grad()
     def evaluate(self) -> dict:

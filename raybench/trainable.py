@@ -97,8 +97,9 @@ class StudyTrial(tune.Trainable):
         if use_cuda and self.share < 1:  # before the trial allocates anything
             torch.cuda.set_per_process_memory_fraction(allocator_fraction(
                 spec.name, entry["memory_bytes"], self.share, torch.cuda.get_device_properties(0).total_memory))
-        return Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(entry["resources"]["cpu"])),
-                     dataset=dataset_for(spec))
+        held = self.trial_resources.required_resources if self.trial_resources else entry["resources"]
+        cpus = held.get("CPU", held.get("cpu", 1))  # raybench.rescale may have added CPUs since the config
+        return Trial(spec, device="cuda" if use_cuda else "cpu", threads=max(1, int(cpus)), dataset=dataset_for(spec))
 
     def step(self) -> dict:
         if self.records is None:

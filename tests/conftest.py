@@ -90,6 +90,17 @@ def cli_main(capsys, main, *args) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """Grid runs calibrate their models (raybench.estimate) into one cache file for the whole session, shared by
+    the xdist workers, never the user's ~/.cache/raybench: a model is timed once per session."""
+    from raybench.estimate import CACHE_ENV
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "calibration.json"
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listened on a moment ago (the OS picked it)."""
     import socket

@@ -50,6 +50,10 @@ def test_joins_a_token_protected_head_by_host_port(gpuless_head, tmp_path):
                  "--name", "joined", env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "InvalidAuthToken" not in r.stdout + r.stderr
+    # the estimate: from FLOPs before joining (the driver cannot see the workers' devices), then timed by a Ray
+    # task with the trial's resources on the cluster (raybench.estimate.on_cluster)
+    before, after = r.stdout.split("[estimate] calibrating 1 trial(s) on the cluster with 1 CPU / 0 GPU")
+    assert "ASSUMED" in before and "measured on cpu" in after and "ASSUMED" not in after
     assert len(pd.read_parquet(tmp_path / "joined" / "epochs.parquet")) == 1
     # (RAY_ADDRESS, as `ray job submit` sets it, joins the same way: the pending-trials test below joins so)
 

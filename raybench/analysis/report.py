@@ -6,6 +6,7 @@ from pathlib import Path
 from raybench.analysis.findings import caveats, findings
 from raybench.analysis.load import Run, load_run
 from raybench.analysis.plots import PLOT_STEMS, make_plots
+from raybench.analysis.prediction import prediction_section
 from raybench.analysis.tables import save_tables, summary_tables, table_titles, to_markdown
 
 
@@ -27,7 +28,7 @@ def write_report(run: Run, out_dir, plots: list[Path] | None = None) -> Path:
     lines += ["## Discussion", "", *(f"- {f.text}" for f in found)]
     if not found:
         lines.append("- No completed trial yet: nothing to discuss.")
-    lines += ["", "## Tables", ""]
+    lines += ["", *prediction_section(run), "## Tables", ""]
     for name, df in tables.items():
         if len(df):
             lines += [to_markdown(df, titles[name]), f"([{name}.parquet]({name}.parquet))", ""]
