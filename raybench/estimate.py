@@ -169,7 +169,7 @@ def calibrate(spec: TrialSpec, device: str, threads: int) -> Timing:
     untimed ones), one evaluation batch, the feature pass and compile warm-up where the trial has them. Runs the
     trainer itself (raybench.train.Trial) on CAL_STEPS batches of synthetic images."""
     import torch
-    from raybench.train import Trial
+    from raybench.train import Trial, cache_features, compile_warm_up
     B = spec.recipe.batch_size
     small = dataclasses.replace(spec, data=DataSpec("synthetic", None, CAL_STEPS * B, EVAL_BATCH),
                                 recipe=dataclasses.replace(spec.recipe, epochs=2))
@@ -177,8 +177,8 @@ def calibrate(spec: TrialSpec, device: str, threads: int) -> Timing:
     try:
         trial = Trial(small, device=device, threads=threads)
         images = CAL_STEPS * B + EVAL_BATCH
-        feature_s = trial.cache_features() / images if trial.feature_cache == "on" else 0.0
-        compile_s = trial.compile_warm_up() if trial.compile else 0.0
+        feature_s = cache_features(trial) / images if trial.feature_cache == "on" else 0.0
+        compile_s = compile_warm_up(trial) if trial.compile else 0.0
         trial.train_epoch()  # untimed: first-use allocations, lazy initialisation
         step_s = trial.train_epoch()["train_time_s"] / CAL_STEPS
         trial.evaluate()

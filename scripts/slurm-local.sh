@@ -65,7 +65,8 @@ JobAcctGatherType=jobacct_gather/none
 JobRequeue=1
 KillWait=30
 MinJobAge=600
-NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+SchedulerParameters=sched_interval=2
+NodeName=$host CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 )

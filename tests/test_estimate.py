@@ -220,6 +220,9 @@ def test_the_grid_prints_the_estimate_first_and_an_eta_on_every_epoch_line(smoke
     assert (trials.predicted_time_s > 0).all() and (trials.total_time_s > 0).all()
     est = E.read(run_dir)
     assert est["actual_wall_s"] > 0 and est["wall_s"] > 0
+    # a local run times every model on this machine, the frozen-backbone fine-tune and its feature pass too
+    assert all(t["source"].startswith("measured on cpu") for t in est["trials"]), est["trials"]
+    assert [t["once_s"] > 0 for t in est["trials"] if t["name"].startswith("swin-micro-ft")] == [True]
     assert [t["name"] for t in est["trials"]] == sorted([t["name"] for t in est["trials"]],
                                                          key=lambda n: -trials.set_index("trial").predicted_time_s[n])
     assert any(l.startswith("[grid] wall time of the trials: predicted") for l in lines)

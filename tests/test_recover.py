@@ -81,8 +81,11 @@ def test_a_run_whose_tune_state_and_parquet_files_were_cut_resumes_from_its_own_
     or a crash mid-write leaves them. `--resume` sets them aside (renamed, not deleted), rebuilds the epoch rows
     from Tune's result files and the trial rows from experiment.json and those, and continues the second trial
     from its newest checkpoint, without training the finished first trial again."""
-    exp = write_experiment(tmp_path / "cut.yaml", [SMALL, LARGER], epochs=4, train_size=1200)
-    first, second = f"{SMALL}-seed", f"{LARGER}-seed"
+    # The longest trial starts first (raybench.estimate.start_order): the second one is about half as long, slow
+    # enough to be stopped mid-way.
+    shorter = "vit-p4-e64-l1-h2-m2"
+    exp = write_experiment(tmp_path / "cut.yaml", [shorter, LARGER], epochs=4, train_size=1200)
+    first, second = f"{LARGER}-seed", f"{shorter}-seed"
     run_dir = tmp_path / "res" / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0",
                              "--cpus", "1", "--results-dir", str(tmp_path / "res"), "--name", "cut", "--no-analysis",
