@@ -220,7 +220,7 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     checkpoint in a new process. As soon as the retry has reported an epoch, the driver gets SIGTERM, as a batch
     scheduler sends at a time limit: it stops the way Ctrl+C does, saying what it kept and how to continue, and
     leaves no process behind. The results folder is moved (as when copying it to another disk) and the run
-    resumed; that run gets SIGHUP and then Ctrl+C, the second signal ending it at once. The third run finishes it."""
+    resumed to its end. (SIGHUP, and a second signal stopping a run at once: tests/test_recover.py.)"""
     import psutil
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
                            epochs=4, train_size=1200)
@@ -264,21 +264,6 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     (tmp_path / "res").rename(tmp_path / "moved")
     run_dir = tmp_path / "moved" / "stop"
     args[args.index(str(tmp_path / "res"))] = str(tmp_path / "moved")
-    proc = subprocess.Popen([*args, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: len(read_epochs(run_dir)) > len(before))
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)  # while Tune stops
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGHUP, out[-3000:]
-    assert "SIGHUP: stopping the run; finished epochs are kept" in out and "Traceback" not in out
-    assert "[grid] stopped by SIGHUP: " in out.strip().splitlines()[-1]
-    stopped = read_epochs(run_dir)
-    assert len(stopped) > len(before) and not stopped.duplicated(["trial", "epoch"]).any()
-
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = read_epochs(run_dir)

@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -76,8 +77,9 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once
 
 
 def test_a_run_whose_tune_state_and_parquet_files_were_cut_resumes_from_its_own_records(tmp_path):
-    """One trial at a time; the driver is stopped (Ctrl+C) once the second trial has two epochs. Then Tune's
-    experiment_state-*.json, epochs.parquet and trials.parquet are each cut to half their bytes, as a full disk
+    """One trial at a time; the driver is stopped once the second trial has two epochs, by SIGHUP (a closed
+    terminal) and Ctrl+C half a second later: the second signal ends it at once, keeping what was written. Then
+    Tune's experiment_state-*.json, epochs.parquet and trials.parquet are each cut to half their bytes, as a full disk
     or a crash mid-write leaves them. `--resume` sets them aside (renamed, not deleted), rebuilds the epoch rows
     from Tune's result files and the trial rows from experiment.json and those, and continues the second trial
     from its newest checkpoint, without training the finished first trial again."""
@@ -93,10 +95,15 @@ def test_a_run_whose_tune_state_and_parquet_files_were_cut_resumes_from_its_own_
     try:
         # two rows: Tune starts an epoch only once it has the last one's checkpoint, so epoch 1's is saved
         wait_for(lambda: (read_epochs(run_dir).trial == second).sum() >= 2, timeout=300)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # while Tune stops
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, out[-3000:]
+    assert "SIGHUP: stopping the run; finished epochs are kept" in out and "Traceback" not in out, out[-3000:]
+    assert "[grid] stopped by SIGHUP: " in out.strip().splitlines()[-1], out[-3000:]
     before = read_epochs(run_dir)
     assert sorted(before[before.trial == first].epoch) == [1, 2, 3, 4], out[-3000:]
     assert before[before.trial == second].epoch.max() < 4, out[-3000:]
