@@ -435,13 +435,18 @@ def _with(df: pd.DataFrame, label: str) -> pd.DataFrame:
     return df[df["diagnosis"].map(lambda d: label in labels_of(d))] if len(df) else df
 
 
-def underfit_findings(run: Run) -> list[Finding]:
-    out = []
+def _labelled_groups(run: Run, label: str):
+    """(family, recipe, the judged trials of that pair, those of them labelled `label`), for each pair with one."""
     j = judged(run)
     for (family, recipe), g in (j.groupby(["family", "recipe"], sort=False) if len(j) else []):
-        u = _with(g, UNDERFITTING)
-        if u.empty:
-            continue
+        labelled = _with(g, label)
+        if not labelled.empty:
+            yield family, recipe, g, labelled
+
+
+def underfit_findings(run: Run) -> list[Finding]:
+    out = []
+    for family, recipe, g, u in _labelled_groups(run, UNDERFITTING):
         trials = run.trials.set_index("trial")
         how = ""
         if {"optimizer", "lr"} <= set(trials.columns):
@@ -466,11 +471,7 @@ def underfit_findings(run: Run) -> list[Finding]:
 
 def overfit_findings(run: Run) -> list[Finding]:
     out = []
-    j = judged(run)
-    for (family, recipe), g in (j.groupby(["family", "recipe"], sort=False) if len(j) else []):
-        o = _with(g, OVERFITTING)
-        if o.empty:
-            continue
+    for family, recipe, g, o in _labelled_groups(run, OVERFITTING):
         o = o.assign(drop=o["best_test_acc"] - o["final_test_acc"]).sort_values("drop", ascending=False)
         sentences = []
         for r in o.head(DETAIL_AT_MOST).itertuples():
@@ -495,11 +496,7 @@ def overfit_findings(run: Run) -> list[Finding]:
 
 def unstable_findings(run: Run) -> list[Finding]:
     out = []
-    j = judged(run)
-    for (family, recipe), g in (j.groupby(["family", "recipe"], sort=False) if len(j) else []):
-        u = _with(g, UNSTABLE)
-        if u.empty:
-            continue
+    for family, recipe, g, u in _labelled_groups(run, UNSTABLE):
         worst = u.loc[u["largest_drop"].idxmax()]
         text = (f"{_fam(family)} trials under the {recipe} recipe are unstable ({len(u)} of {len(g)}): their test "
                 f"accuracy falls by more than {100 * UNSTABLE_ACC_DROP:.0f} points from one epoch to the next, or "
