@@ -17,7 +17,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
-EPOCHS = 400  # of the time-limited study: tiny epochs, outlasting the up to 30 s from the cut to the warning
+# The time-limited study trains a model whose training steps wait instead of computing: its run is long in
+# time and costs almost no CPU, which the other tests running beside it need. 40 epochs of about 1.2 s
+# outlast the first job's two epochs, the up to 30 s from the cut to the warning and the stop.
+EPOCHS = 40
+WAITING_MODEL = """
+import time
+import torch
+
+
+class Waiting(torch.nn.Module):
+    def __init__(self, num_classes, seconds):
+        super().__init__()
+        self.fc, self.seconds = torch.nn.Linear(3 * 32 * 32, num_classes), seconds
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            time.sleep(self.seconds)
+        return self.fc(x.flatten(1))
+
+
+def waiting(num_classes=10, seconds=0.25):
+    return Waiting(num_classes, seconds)
+"""
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
@@ -87,12 +109,14 @@ def two_jobs(slurm, tmp_path_factory):
     Cutting the limit once epochs are in makes the first job's share certain; a first job's warning comes 30
     to 60 s after it starts with a two-minute limit, before Ray and the trial are up on a busy machine."""
     results = tmp_path_factory.mktemp("slurm-results")
-    tiny = ["--only", TRIAL, "--gpus", "0", "--test-size", "100"]
+    (results / "waiting.py").write_text(WAITING_MODEL)
+    (results / "limited.yaml").write_text("name: limited\ndataset: {name: synthetic, train_size: 200, test_size: 100}\n"
+                                          "num_classes: 10\nmodels: [py:waiting:waiting]\n")
     limited = slurm_cli("--cpus-per-node", 1, "--time", 10, "--warning", 300, "--results-dir", results, "--submit",
-                        "--", *tiny, "--epochs", EPOCHS, "--train-size", 200, "--name", "limited", "--no-analysis",
-                        "--no-dashboard")
-    small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit",
-                      "--", *tiny, "--epochs", 2, "--train-size", 200, "--name", "small")
+                        "--", "--experiment", results / "limited.yaml", "--gpus", "0", "--epochs", EPOCHS, "--name",
+                        "limited", "--no-analysis", "--no-dashboard")
+    small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit", "--", "--only",
+                      TRIAL, "--gpus", "0", "--test-size", "100", "--epochs", 2, "--train-size", 200, "--name", "small")
     assert limited.returncode == 0 and small.returncode == 0, limited.stderr + small.stderr
     names = ("raybench-limited", "raybench-small")
     seen_together, cut, deadline = False, None, time.monotonic() + 600
@@ -129,7 +153,8 @@ def outputs(run_dir: Path) -> list[tuple[int, str]]:
 
 def every_epoch_once(run_dir: Path, epochs: int) -> pd.DataFrame:
     ep = pd.read_parquet(run_dir / "epochs.parquet")
-    assert sorted(zip(ep.trial, ep.epoch)) == [(f"{TRIAL}-seed", e) for e in range(1, epochs + 1)], ep
+    [trial] = pd.read_parquet(run_dir / "trials.parquet").trial
+    assert sorted(zip(ep.trial, ep.epoch)) == [(trial, e) for e in range(1, epochs + 1)], ep
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
     return ep
 
