@@ -219,12 +219,16 @@ SHARED_FIXTURES = ("smoke_watched", "gpuless_head", "cpu_check", "tiny_bench", "
                    "local_ray")
 
 
+# xdist hands out the groups first, largest first, then the other tests in collection order; the `slow` ones (a
+# minute or two each) are moved ahead of the rest, so that the last minutes are short tests filling both
+# workers rather than one long run on one of them while the other idles.
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         shared = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # The pytest process runs Ray, Tune and torch.compile in-process; their native threads outlive ray.shutdown() and

@@ -307,6 +307,7 @@ def test_train_cli_trains_a_py_model_from_the_working_folder(user_folder):
 
 # --- one grid run: all three beside a built-in ViT ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_grid_runs_all_three_kinds_beside_a_vit(tmp_path, tiny_vit_dir, user_folder):
     from raybench.analysis import load_run
     exp = experiment(user_folder, ["vit-p8-e32-l1-h2-m2", "torchvision:mobilenet_v3_small",

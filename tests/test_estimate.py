@@ -307,6 +307,7 @@ def test_extra_cpus_only_when_free_nothing_waits_and_the_epochs_are_long():
     assert extra_cpus(3.0, 1.0, 4.0, 5, 5, 0, 20) == 0  # a restart costs more than short epochs gain
 
 
+@pytest.mark.slow
 def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
     """Two CPU trials on 2 CPUs: a one-epoch ViT ends first, and a four-epoch one goes on with both CPUs (two
     torch threads) from its next epoch, resumed from its checkpoint with every epoch once."""

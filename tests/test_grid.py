@@ -53,6 +53,7 @@ def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
     assert overlapping, spans
 
 
+@pytest.mark.slow
 def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored_and_time_is_accounted(tmp_path):
     """--no-dashboard: trials of equal resources follow each other in the processes Tune started first (with
     the dashboard on, every trial gets its own actor, so the dashboard lists it under its own name).
@@ -87,6 +88,7 @@ def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored
     assert 0 < spent <= total + 1 and phases["first_epoch_after_s"] > 0 and phases["after_last_epoch_s"] >= 0
 
 
+@pytest.mark.slow
 def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_at_most_its_epoch(tmp_path):
     """Head plus one worker node, each with one CPU: two one-CPU trials must use both. Once a trial has
     finished two epochs on the worker, the worker is removed without warning: that trial continues from its
@@ -213,6 +215,7 @@ def read_epochs(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["trial", "epoch", "pid"])
 
 
+@pytest.mark.slow
 def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes_without_repeating_trials(tmp_path):
     """Both ways a run loses a process, and the signals that stop a driver, in one run (one Ray start fewer than
     a run each). Two CPUs, two per trial: one trial at a time, in grid order. Once the first trial has finished,
@@ -400,6 +403,7 @@ def test_unreadable_swin_checkpoints_are_refused_while_sizing_gpu_shares(tmp_pat
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_asha_stops_a_hopeless_one_and_mlflow_has_every_trial_and_epoch(tmp_path):
     """Two ways a trial goes wrong, in one run (one Ray start fewer than a run each). lr 3 (AdamW) leaves a ViT
     at chance (~10% on 10 classes) while lr 1e-3 reaches ~30% in one epoch: one CPU runs the trials one after

@@ -126,6 +126,7 @@ def session_processes(session_dir: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeues_trials_out_of_memory(tmp_path):
     """README: `python -m raybench.grid --experiment smoke --name k1 --resume`, after a `--gpus 2` run whose
     driver was killed with SIGKILL mid-epoch. Nothing of the killed driver's Ray session is left running, and

@@ -47,6 +47,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once_there_is_room(tmp_path, small_disk):
     exp = write_experiment(tmp_path / "full.yaml", [SMALL, LARGER], epochs=3, train_size=600)
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", small_disk, "--name", "full",
@@ -76,6 +77,7 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
 
 
+@pytest.mark.slow
 def test_a_run_whose_tune_state_and_parquet_files_were_cut_resumes_from_its_own_records(tmp_path):
     """One trial at a time; the driver is stopped once the second trial has two epochs, by SIGHUP (a closed
     terminal) and Ctrl+C half a second later: the second signal ends it at once, keeping what was written. Then

@@ -12,7 +12,7 @@ import torch
 from conftest import SMALL_VIT, TINY_VIT, cli_main
 from raybench.configs import ConfigError, DataSpec, ResNetConfig, SwinConfig, TrialSpec, default_recipe
 from raybench.records import DIVERGED, OK
-from raybench.train import Trial, resolve_precision
+from raybench.train import Trial, lr_at, resolve_precision
 
 CHANCE_BEATEN = 0.30
 
@@ -53,6 +53,21 @@ def test_every_family_learns_the_synthetic_set(model, recipe, small_synthetic, t
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_time_s", "eval_time_s",
                 "images_per_s", "peak_memory_mb", "lr"):
         assert recs[-1][key] >= 0, key
+
+
+def test_the_improved_recipe_warms_up_linearly_then_decays_along_a_cosine_to_zero():
+    r = default_recipe("improved", TINY_VIT)
+    per_epoch = 10
+    total = per_epoch * r.epochs
+    lrs = [lr_at(step, total, per_epoch, r) for step in range(total)]
+    warm = int(r.warmup_epochs * per_epoch)
+    assert lrs[:warm] == pytest.approx([r.lr * (s + 1) / warm for s in range(warm)])
+    assert max(lrs) == lrs[warm] == pytest.approx(r.lr)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # never up again after the warm-up
+    assert lrs[warm + (total - warm) // 2] == pytest.approx(r.lr / 2)  # half-way down the cosine: half the peak
+    assert lrs[-1] < r.lr / 1000
+    seed = default_recipe("seed", TINY_VIT)
+    assert {lr_at(step, total, per_epoch, seed) for step in range(total)} == {seed.lr}
 
 
 def test_same_seed_same_numbers_on_cpu(small_synthetic):
