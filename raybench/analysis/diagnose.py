@@ -33,6 +33,7 @@ OVERFIT_LOSS_RISE = 0.05  # ... and the final test loss this fraction above its 
 UNSTABLE_ACC_DROP = 0.02  # a fall of test accuracy from one epoch to the next by more than this is a swing
 UNSTABLE_LOSS_RISE = 0.05  # a rise of training loss from one epoch to the next by more than this fraction too
 UNSTABLE_SWINGS = 2  # this many swings of either kind: unstable
+UNSTABLE_BIG_DROP = 0.05  # one fall of test accuracy by more than this: unstable on its own
 TREND_WINDOW = 3  # still improving / converged compare the mean test accuracy of the last 3 epochs with the 3 before
 IMPROVING_GAIN = 0.01  # a gain of at least this between the two windows: still improving; less either way: converged
 NOISE_SIGMAS = 2.0  # with the test-set size known, no accuracy step smaller than this many binomial sigmas counts
@@ -124,7 +125,7 @@ def diagnose(rows: pd.DataFrame, num_classes=None, status: str = "", test_images
         tl = train_loss.dropna().to_numpy(dtype=float)
         swings = max(swings, int((tl[1:] > (1 + UNSTABLE_LOSS_RISE) * tl[:-1]).sum()))
     out["swings"] = swings
-    unstable = swings >= UNSTABLE_SWINGS
+    unstable = swings >= UNSTABLE_SWINGS or out["largest_drop"] > max(UNSTABLE_BIG_DROP, step)
     if unstable:
         labels.append(UNSTABLE)
 
