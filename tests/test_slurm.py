@@ -17,13 +17,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 TRIAL = "vit-p8-e32-l1-h2-m2"  # the smoke experiment's tiniest ViT
-# The time-limited study trains a model whose training steps wait instead of computing: its run is long in
-# time and costs almost no CPU, which the other tests running beside it need. 40 epochs of about 1.2 s
-# outlast the first job's two epochs, the up to 30 s from the cut to the warning and the stop.
+# The time-limited study trains a model whose training steps wait instead of computing while the test holds
+# them (a `waiting.hold` file beside the module): its first job is long in time and costs almost no CPU, which
+# the tests running beside it need. 40 epochs of about 1.2 s outlast the first job's two epochs, the up to 30 s
+# from the cut to the warning and the stop; the test lets go once that job has ended, so its follow-up trains
+# the rest at the linear model's own speed.
 EPOCHS = 40
 WAITING_MODEL = """
 import time
+from pathlib import Path
+
 import torch
+
+HOLD = Path(__file__).with_suffix(".hold")
 
 
 class Waiting(torch.nn.Module):
@@ -32,7 +38,7 @@ class Waiting(torch.nn.Module):
         self.fc, self.seconds = torch.nn.Linear(3 * 32 * 32, num_classes), seconds
 
     def forward(self, x):
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and HOLD.exists():
             time.sleep(self.seconds)
         return self.fc(x.flatten(1))
 
@@ -110,6 +116,7 @@ def two_jobs(slurm, tmp_path_factory):
     to 60 s after it starts with a two-minute limit, before Ray and the trial are up on a busy machine."""
     results = tmp_path_factory.mktemp("slurm-results")
     (results / "waiting.py").write_text(WAITING_MODEL)
+    (results / "waiting.hold").touch()
     (results / "limited.yaml").write_text("name: limited\ndataset: {name: synthetic, train_size: 200, test_size: 100}\n"
                                           "num_classes: 10\nmodels: [py:waiting:waiting]\n")
     limited = slurm_cli("--cpus-per-node", 1, "--time", 10, "--warning", 300, "--results-dir", results, "--submit",
@@ -126,6 +133,8 @@ def two_jobs(slurm, tmp_path_factory):
         seen_together = seen_together or running == set(names)
         if not jobs:
             break
+        if cut is not None and cut not in jobs:
+            (results / "waiting.hold").unlink(missing_ok=True)
         if cut is None and len(read_epochs(results / "limited")) >= 2:
             [job] = [i for i, (n, _) in jobs.items() if n == "raybench-limited"]
             minutes = (elapsed_s(job) + 330) // 60
