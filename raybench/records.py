@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+
+# --- the line a trial prints while a long epoch runs -----------------------------------------------------------
+# Printed in the trial's process; the driver forwards these lines, and no other output of Ray's workers, to its
+# own (raybench.session.forward_step_notes).
+STEP_NOTE = re.compile(r"^\[[^\]\s]+\] epoch \d+/\d+: step \d+/\d+, ")
+
+
+def step_note(trial: str, epoch: int, epochs: int, steps: int, steps_per_epoch: int, elapsed_s: float,
+              left_s: float) -> str:
+    return (f"[{trial}] epoch {epoch}/{epochs}: step {steps}/{steps_per_epoch}, {elapsed_s:.0f}s in, about "
+            f"{left_s:.0f}s of training left in the epoch")
+
 
 # --- the run folder's schema (docs/results.md, "Schema") -----------------------------------------------------
 # The layout of experiment.json, epochs.parquet and trials.parquet this raybench writes and reads. Declared in

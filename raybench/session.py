@@ -46,7 +46,25 @@ def connect(plan):
     """Start the plan's local Ray, or join its cluster; returns ray.init's context."""
     tune_environment()
     with keep_signal_handlers():
-        return _connect(plan)
+        ctx = _connect(plan)
+    forward_step_notes()
+    return ctx
+
+
+def forward_step_notes() -> None:
+    """Print the trials' step notes (raybench.records.STEP_NOTE: a long epoch's progress) in the driver's output.
+    Ray forwards its workers' output to the driver all or nothing (`log_to_driver`), and most of it is Ray's and
+    Tune's logging: the driver takes it all and swaps Ray's printer for one that keeps those lines only. Ray
+    Client connections (ray://) forward nothing."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    from raybench.records import STEP_NOTE
+
+    def print_step_notes(data: dict) -> None:
+        for line in data.get("lines", ()):
+            if STEP_NOTE.match(line):
+                print(line, flush=True)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("raybench_step_notes", print_step_notes)
 
 
 @contextlib.contextmanager
@@ -75,7 +93,7 @@ def _connect(plan):
     import ray
     local = plan.local
     ctx = ray.init(address="local", num_cpus=local.cpus, num_gpus=local.gpus, include_dashboard=local.dashboard,
-                   dashboard_host=local.dashboard_host, log_to_driver=False)
+                   dashboard_host=local.dashboard_host, log_to_driver=True)
     start_reaper(ctx)
     return ctx
 
@@ -140,7 +158,7 @@ def join(address: str):
 def _init(ray, target: str, tries: int):
     with _environ({"RAY_gcs_server_port_wait_time_s": os.environ.get("RAY_gcs_server_port_wait_time_s",
                                                                       str(tries))}):
-        return ray.init(address=target, log_to_driver=False)
+        return ray.init(address=target, log_to_driver=True)
 
 
 def _rejected(log) -> bool:

@@ -25,7 +25,7 @@ from raybench.flags import add_model_args, model_from_args
 from raybench.sizing import (CACHE_OFF_AUGMENT, CACHE_OFF_NOT_FROZEN, CACHE_ON, EVAL_BATCH, feature_cache_mode,
                              input_side)
 
-from raybench.records import DIVERGED, OK, OOM, RUNNING
+from raybench.records import DIVERGED, OK, OOM, RUNNING, step_note
 
 
 # A long epoch says how far it has got at this pace: minutes of silence read as a hung run.
@@ -275,8 +275,8 @@ class Trial:
         the next is due."""
         now = time.perf_counter()
         left = (now - t0) / steps * (self.steps_per_epoch - steps)
-        print(f"[{self.spec.name}] epoch {self.epoch + 1}/{self.recipe.epochs}: step {steps}/{self.steps_per_epoch}, "
-              f"{now - t0:.0f}s in, about {left:.0f}s of training left in the epoch", flush=True)
+        print(step_note(self.spec.name, self.epoch + 1, self.recipe.epochs, steps, self.steps_per_epoch, now - t0,
+                        left), flush=True)
         return now + self.progress_every_s
 
     @torch.no_grad()

@@ -313,11 +313,11 @@ def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
     torch threads) from its next epoch, resumed from its checkpoint with every epoch once."""
     from conftest import run_grid
     exp = tmp_path / "grow.yaml"
-    exp.write_text("name: grow\ndataset: {name: synthetic, train_size: 1000, test_size: 200}\nnum_classes: 10\n"
+    exp.write_text("name: grow\ndataset: {name: synthetic, train_size: 600, test_size: 100}\nnum_classes: 10\n"
                    "recipes: [seed]\nseeds: [0]\nepochs: 4\n"
                    "models:\n  - {name: vit-p8-e32-l1-h2-m2, epochs: 1}\n  - vit-p4-e32-l2-h2-m2\n")
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", tmp_path, "--name", "grow",
-                 "--no-analysis", env={"RAYBENCH_GROW_MIN_EPOCH_S": "0"})
+                 "--no-analysis", "--no-dashboard", env={"RAYBENCH_GROW_MIN_EPOCH_S": "0"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ep = pd.read_parquet(tmp_path / "grow" / "epochs.parquet")
     assert not ep.duplicated(["trial", "epoch"]).any()

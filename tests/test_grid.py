@@ -108,8 +108,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_a_node_that_dies_costs_a
     def remove_worker_after_its_second_epoch():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not moved:
-            ep = pd.read_parquet(epochs) if epochs.exists() else None
-            epochs_on_worker = ep[ep.node_id == worker.node_id].trial.value_counts() if ep is not None else {}
+            # (read_epochs: pyarrow may open the file twice, and a replace in between fails the read: next look)
+            ep = read_epochs(epochs.parent)
+            epochs_on_worker = ep[ep.node_id == worker.node_id].trial.value_counts() if "node_id" in ep else {}
             # Once Tune holds the trial's epoch-1 checkpoint: Tune starts the next step only after it has
             # processed a save, so a second epoch row says so. The checkpoint's file in storage does not: a
             # node lost between the file and Tune's processing of it restarted the trial from epoch 1, whose

@@ -99,3 +99,30 @@ def test_a_trial_whose_checkpoint_is_gone_or_cut_goes_on_from_the_newest_one_tha
     rec = again.step()
     assert rec["epoch"] == 1 and rec["train_loss"] == records[0]["train_loss"]
     assert "does not exist" in rec["note"] and "starts again from epoch 1" in rec["note"]
+
+
+def test_the_driver_prints_its_trials_step_notes_and_none_of_their_other_output(local_ray, capsys):
+    """A long epoch's step notes (raybench.train) reach the driver's output; Ray's and Tune's own logging in the
+    trial processes does not."""
+    import time
+    import ray
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    from raybench.records import step_note
+    from raybench.session import forward_step_notes
+    note = step_note("vit-p8-e32-l1-h2-m2-seed", 2, 3, 40, 94, 30.2, 40.1)
+
+    @ray.remote
+    def trial_process():
+        print("a log line of the trial's process")
+        print(note, flush=True)
+    saved = list(dispatcher.handlers)
+    forward_step_notes()
+    try:
+        ray.get(trial_process.remote())
+        out, deadline = "", time.monotonic() + 20
+        while note not in out and time.monotonic() < deadline:  # Ray's log monitor reads worker logs every ~0.1 s
+            time.sleep(0.2)
+            out += capsys.readouterr().out
+    finally:
+        dispatcher.handlers = saved
+    assert note in out and "a log line" not in out, out
