@@ -56,8 +56,11 @@ def forward_step_notes() -> None:
     Ray forwards its workers' output to the driver all or nothing (`log_to_driver`), and most of it is Ray's and
     Tune's logging: the driver takes it all and swaps Ray's printer for one that keeps those lines only. Ray
     Client connections (ray://) forward nothing."""
-    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
     from raybench.records import STEP_NOTE
+    try:  # Ray's own (private) printer of forwarded lines; a Ray without it prints all of them, notes included
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
 
     def print_step_notes(data: dict) -> None:
         for line in data.get("lines", ()):
