@@ -1,20 +1,52 @@
 """raybench on SLURM, against a real SLURM on this machine (scripts/slurm-local.sh: Debian's slurm-wlm and munge,
-slurmctld and slurmd on localhost): the smoke study submitted with `python -m raybench.slurm --submit` completes; a job
-ended by its time limit is continued by its follow-up job, every epoch once; both ran at once on the one node,
-each with its own Ray. Bad input is refused before anything is submitted. Skipped, saying why, where SLURM
+slurmctld and slurmd on localhost): the smoke study submitted with `python -m raybench.slurm --submit`
+completes; a job ended by its time limit is continued by its follow-up job, every epoch once; both ran at once on
+the one node, each with its own Ray. Bad input is refused before anything is submitted. Skipped, saying why, where SLURM
 cannot run (not root, the packages missing)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import slurm_scenario as scenario
-from slurm_scenario import EPOCHS, squeue
+from test_grid import read_epochs
 
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
+# The time-limited study trains a model whose training steps wait instead of computing while the test holds
+# them (a `waiting.hold` file beside the module): its first job is long in time and costs almost no CPU, which
+# the tests running beside it on the other xdist worker need. 40 epochs of about 1.2 s outlast the first job's
+# two epochs, the up to 30 s from the cut to the warning and the stop; the test lets go once that job has
+# ended, so its follow-up trains the rest at the linear model's own speed.
+EPOCHS = 40
+WAITING_MODEL = """
+import time
+from pathlib import Path
+
+import torch
+
+HOLD = Path(__file__).with_suffix(".hold")
+
+
+class Waiting(torch.nn.Module):
+    def __init__(self, num_classes, seconds):
+        super().__init__()
+        self.fc, self.seconds = torch.nn.Linear(3 * 32 * 32, num_classes), seconds
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled() and HOLD.exists():
+            time.sleep(self.seconds)
+        return self.fc(x.flatten(1))
+
+
+def waiting(num_classes=10, seconds=0.25):
+    return Waiting(num_classes, seconds)
+"""
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
@@ -44,22 +76,77 @@ def slurm_cli(*args, env=None) -> Result:
 @pytest.fixture(scope="module")
 def slurm():
     """The local SLURM's environment (SLURM_CONF), started by scripts/slurm-local.sh unless already up."""
-    try:
-        conf, was_up = scenario.start_local_slurm()
-    except scenario.Unavailable as e:
-        pytest.skip(str(e))
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM needs root (slurmd starts jobs as their users)")
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    was_up = subprocess.run(["bash", str(SLURM_LOCAL), "status"]).returncode == 0
+    r = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"the local SLURM did not start: {r.stderr.strip()[-500:]}")
+    conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
     os.environ["SLURM_CONF"] = conf  # for sbatch and squeue here, and through sbatch for the jobs' own sbatch
     yield conf
     if not was_up:
-        subprocess.run(["bash", str(scenario.SLURM_LOCAL), "stop"], timeout=60)
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], timeout=60)
+
+
+def squeue(*names) -> dict:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return {int(i): (n, s) for i, n, s in rows if n in names}
+
+
+def elapsed_s(job: int) -> int:
+    text = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%M"], capture_output=True, text=True).stdout.strip()
+    days, _, clock = text.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    return int(days or 0) * 86400 + sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
 
 
 @pytest.fixture(scope="module")
 def two_jobs(slurm, tmp_path_factory):
-    """tests/slurm_scenario.py's two studies: `small`, the smoke study, and the time-limited `limited`."""
+    """Two studies submitted at once to the one node (two CPUs, one each): `small`, the smoke study at one epoch
+    of 200 images, which completes in its job, and `limited`, whose first job reaches its time limit. Once that
+    job has recorded two epochs its limit is cut (`scontrol update TimeLimit`, as a user may shorten a running
+    job) to end 270 to 330 s later. SLURM sends the warning at its first check (every 30 s) once the limit is
+    within --warning (300 s) + 30 s: at most 30 s after the cut; the driver stops, keeping its finished epochs,
+    and the job submits its follow-up, which resumes the run with the ten minutes asked for.
+    Cutting the limit once epochs are in makes the first job's share certain; a first job's warning comes 30
+    to 60 s after it starts with a two-minute limit, before Ray and the trial are up on a busy machine."""
     results = tmp_path_factory.mktemp("slurm-results")
-    state = scenario.run(results)
-    return results, state["seen_together"], state["cut"], state["printed"]
+    (results / "waiting.py").write_text(WAITING_MODEL)
+    (results / "waiting.hold").touch()
+    (results / "limited.yaml").write_text("name: limited\ndataset: {name: synthetic, train_size: 200, test_size: 100}\n"
+                                          "num_classes: 10\nmodels: [py:waiting:waiting]\n")
+    limited = slurm_cli("--cpus-per-node", 1, "--time", 10, "--warning", 300, "--results-dir", results, "--submit",
+                        "--", "--experiment", results / "limited.yaml", "--gpus", "0", "--epochs", EPOCHS, "--name",
+                        "limited", "--no-analysis", "--no-dashboard")
+    small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit", "--", "--gpus", "0",
+                      "--epochs", 1, "--train-size", 200, "--test-size", 100, "--name", "small")
+    assert limited.returncode == 0 and small.returncode == 0, limited.stderr + small.stderr
+    names = ("raybench-limited", "raybench-small")
+    seen_together, cut, deadline = False, None, time.monotonic() + 600
+    while time.monotonic() < deadline:
+        jobs = squeue(*names)
+        running = {n for n, s in jobs.values() if s == "RUNNING"}
+        seen_together = seen_together or running == set(names)
+        if not jobs:
+            break
+        if cut is not None and cut not in jobs:
+            (results / "waiting.hold").unlink(missing_ok=True)
+        if cut is None and len(read_epochs(results / "limited")) >= 2:
+            [job] = [i for i, (n, _) in jobs.items() if n == "raybench-limited"]
+            minutes = (elapsed_s(job) + 330) // 60
+            r = subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"], capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stderr
+            cut = job
+        time.sleep(1)
+    else:
+        pytest.fail(f"the jobs did not end within 10 minutes: {squeue(*names)}")
+    return results, seen_together, cut, limited.stdout + small.stdout
 
 
 def outputs(run_dir: Path) -> list[tuple[int, str]]:
@@ -87,7 +174,7 @@ def test_the_smoke_study_submitted_with_raybench_slurm_completes(two_jobs):
     assert sorted(pd.read_parquet(run_dir / "epochs.parquet").trial) == smoke  # one epoch each
     assert (run_dir / "analysis" / "report.md").stat().st_size > 0
     [(job, out)] = outputs(run_dir)
-    assert f"[grid] {len(smoke)} trials: {len(smoke)} ok" in out and "Traceback" not in out, out[-3000:]
+    assert f"[grid] {len(smoke)} trials: {len(smoke)} ok" in out and "error" not in out.lower(), out[-3000:]
     assert "dashboard 127.0.0.1:" in out  # the job's dashboard, on loopback only
 
 
