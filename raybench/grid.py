@@ -423,7 +423,7 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None, recount:
                 trial_dirname_creator=lambda t: t.config["trial"]["name"],
                 max_concurrent_trials=max_concurrent(plan.resources, plan.gpu_cap),
                 scheduler=make_scheduler(plan),
-                reuse_actors=reuse_actors(plan)),
+                reuse_actors=reuse_actors(dash)),
             run_config=tune.RunConfig(
                 name=plan.tune_name, storage_path=plan.storage, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
@@ -434,13 +434,14 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None, recount:
     return writer
 
 
-def reuse_actors(plan: RunPlan) -> bool:
+def reuse_actors(dashboard_url: str | None) -> bool:
     """Whether a finished trial's actor process takes the next trial with the same resources
     (StudyTrial.reset_config): no new process, no second import of torch and transformers. Only where no
-    dashboard shows the trials (a local Ray with --no-dashboard): Ray 2.60 names an actor once, when it starts
-    (its repr_name, which also names its tasks), so a dashboard would list every trial a reused actor ran under
-    the first one's name; its log lines do carry the current trial (StudyTrial._announce)."""
-    return plan.local is not None and not plan.local.dashboard
+    dashboard shows the trials (a local Ray with --no-dashboard, or a cluster whose head runs none, as a SLURM job
+    written with --no-dashboard): Ray 2.60 names an actor once, when it starts (its repr_name, which also names
+    its tasks), so a dashboard would list every trial a reused actor ran under the first one's name; its log
+    lines do carry the current trial (StudyTrial._announce)."""
+    return not dashboard_url
 
 
 def make_scheduler(plan: RunPlan):

@@ -122,9 +122,9 @@ def two_jobs(slurm, tmp_path_factory):
                                           "num_classes: 10\nmodels: [py:waiting:waiting]\n")
     limited = slurm_cli("--cpus-per-node", 1, "--time", 10, "--warning", 300, "--results-dir", results, "--submit",
                         "--", "--experiment", results / "limited.yaml", "--gpus", "0", "--epochs", EPOCHS, "--name",
-                        "limited", "--no-analysis", "--no-dashboard")
+                        "limited", "--no-analysis")
     small = slurm_cli("--cpus-per-node", 1, "--time", 10, "--results-dir", results, "--submit", "--", "--gpus", "0",
-                      "--epochs", 1, "--train-size", 200, "--test-size", 100, "--name", "small")
+                      "--epochs", 1, "--train-size", 200, "--test-size", 100, "--name", "small", "--no-dashboard")
     assert limited.returncode == 0 and small.returncode == 0, limited.stderr + small.stderr
     names = ("raybench-limited", "raybench-small")
     seen_together, cut, deadline = False, None, time.monotonic() + 600
@@ -163,7 +163,8 @@ def every_epoch_once(run_dir: Path, epochs: int) -> pd.DataFrame:
 
 
 def test_the_smoke_study_submitted_with_raybench_slurm_completes(two_jobs):
-    """The smoke study (every family), at one epoch of 200 images, in one job on one CPU."""
+    """The smoke study (every family), at one epoch of 200 images, in one job on one CPU. Its head runs no
+    dashboard (--no-dashboard), so one trial's process takes the next (Tune's reuse_actors)."""
     from raybench.experiments import load_experiment
     results, _, _, printed = two_jobs
     run_dir = results / "small"
@@ -171,11 +172,12 @@ def test_the_smoke_study_submitted_with_raybench_slurm_completes(two_jobs):
     smoke = sorted(t.name for t in load_experiment("smoke").trials)
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert sorted(trials.trial) == smoke and (trials.status == "ok").all()
-    assert sorted(pd.read_parquet(run_dir / "epochs.parquet").trial) == smoke  # one epoch each
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert sorted(epochs.trial) == smoke  # one epoch each
+    assert epochs.pid.nunique() < len(smoke)  # trials of equal resources followed each other in one process
     assert (run_dir / "analysis" / "report.md").stat().st_size > 0
     [(job, out)] = outputs(run_dir)
     assert f"[grid] {len(smoke)} trials: {len(smoke)} ok" in out and "error" not in out.lower(), out[-3000:]
-    assert "dashboard 127.0.0.1:" in out  # the job's dashboard, on loopback only
 
 
 def test_a_job_ended_by_its_time_limit_is_resumed_by_its_follow_up_job(two_jobs):
@@ -185,6 +187,7 @@ def test_a_job_ended_by_its_time_limit_is_resumed_by_its_follow_up_job(two_jobs)
     assert cut is not None and [j for j, _ in jobs][:1] == [cut] and len(jobs) == 2, jobs
     (first, out), (follow_up, resumed) = jobs
     assert "[slurm] the time limit is near: stopping the run" in out, out[-3000:]
+    assert "dashboard 127.0.0.1:" in out  # the job's dashboard, on loopback only
     assert "[grid] SIGTERM: stopping the run; finished epochs are kept" in out
     kept = int(re.search(r"\[grid\] stopped by SIGTERM: 0/1 trials ended, (\d+) epochs kept", out).group(1))
     assert f"[slurm] follow-up job {follow_up} continues the run" in out
