@@ -200,22 +200,13 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fake_cluster():
-    """A fresh fake autoscaling cluster from cluster-local.yaml on free ports and its own short temp dir.
+    """A fresh fake autoscaling cluster from cluster-local.yaml on free ports and its own short temp dir: a head
+    without GPUs and no workers yet.
 
     Teardown stops it (idempotent, so a test may stop it first) and fails if any of its processes remain.
     """
-    yield from _fake_cluster()
-
-
-@pytest.fixture
-def another_fake_cluster():
-    """One more, for a test that must start from a head without workers whatever ran before it. The job test
-    cannot share `fake_cluster`: when it did, the autoscaler removed the first test's idle workers while
-    the job ran and the job's uploaded working dir vanished under its driver (FileNotFoundError from
-    os.getcwd()); fake nodes share one machine's session dir, so a removed node's cleanup is taken to be the
-    cause."""
     yield from _fake_cluster()
 
 
@@ -254,8 +245,14 @@ def _nodes(cluster, env, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tmp_path):
-    """The smoke experiment's ViTs through `python -m raybench.grid --address`, as docs/cluster.md runs it."""
+def test_a_job_submitted_with_the_working_dir_runs_the_smoke_grid_on_gpu_workers_the_autoscaler_adds(fake_cluster,
+                                                                                                   tmp_path):
+    """The README's cloud flow against the local cluster: `ray job submit --working-dir . -- python -m
+    raybench.grid --address auto ...`. The job's driver runs on the head in an uploaded copy of this folder
+    (so it imports that copy of raybench), joins with --address auto (the job sets RAY_ADDRESS), and writes
+    the run folder the user asked for, analysis included. The trials ask for fractional GPUs, which only the
+    worker type the autoscaler may add has: it adds GPU workers and every trial runs there. (One cluster and one
+    grid for both flows: a fake cluster's start and a grid's Ray work are among the suite's dearest.)"""
     t0 = time.monotonic()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
            "LANG": "C.UTF-8", **fake_cluster.driver_env()}
@@ -264,7 +261,8 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
     private = Path(fake_cluster.token_path).parent
     assert Path(fake_cluster.config_path).parent == private and not private.is_relative_to(fake_cluster.temp_dir)
     assert private.stat().st_mode & 0o777 == 0o700 and Path(fake_cluster.token_path).stat().st_mode & 0o777 == 0o600
-    # A trial that no node type of the autoscaler can hold is refused before any trial starts.
+    # A trial that no node type of the autoscaler can hold is refused before any trial starts (a grid that
+    # joins with --address HOST:PORT, as docs/cluster.md runs it from a machine of the cluster).
     refused = subprocess.run([sys.executable, "-m", "raybench.grid", "--address", fake_cluster.address, "--gpus",
                               "2", "--cpus-per-trial", "64", "--only", "vit-p8-e32-l1", "--results-dir",
                               str(tmp_path), "--name", "too-big"], env=env, capture_output=True, text=True,
@@ -274,21 +272,29 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
     assert not (tmp_path / "too-big").exists()
     # the smoke ViTs, at 1 epoch of 400 images: what is checked is where trials run, not what they learn (the
     # other families' trials are placed the same way; the watched smoke run trains them all)
-    run = subprocess.run([sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--address",
-                          fake_cluster.address, "--gpus", "2", "--cpus-per-trial", "0.5", "--epochs", "1",
-                          "--only", "vit-*",
+    job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+                          fake_cluster.dashboard_url, "--working-dir", ".", "--",
+                          "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-*",
+                          "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5", "--epochs", "1",
                           "--train-size", "400", "--test-size", "100", "--results-dir", str(tmp_path),
-                          "--name", "fake", "--no-analysis"],
-                         env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
-    assert run.returncode == 0, f"grid failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    assert "waits for the autoscaler to add a node" in run.stdout  # node types that can hold them: they wait
-    epochs = pd.read_parquet(tmp_path / "fake" / "epochs.parquet")
-    trials = pd.read_parquet(tmp_path / "fake" / "trials.parquet")
-    nodes = _nodes(fake_cluster, env, tmp_path)
+                          "--name", "job"],
+                         env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
+    run_dir = tmp_path / "job"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    smoke_vits = {f"vit-p{p}-e32-l{l}-h2-m2-seed" for p in (4, 8) for l in (1, 2)}
+    assert set(trials.trial) == smoke_vits and (trials.status == "ok").all() and len(epochs) == 4
+    assert (run_dir / "analysis" / "report.md").stat().st_size > 0
+    assert "[grid] 4 trials: 4 ok" in out  # the driver's own summary, streamed back by `ray job submit`
+    assert "waits for the autoscaler to add a node" in out  # node types that can hold them: they wait
+    # the job ran the uploaded copy: its driver's working folder is Ray's, not this checkout
+    assert not json.loads((run_dir / "experiment.json").read_text())["path"].startswith(str(ROOT))
 
     # Only the head (no GPU) existed; the autoscaler added GPU workers and every trial ran there.
+    nodes = _nodes(fake_cluster, env, tmp_path)
     assert len(start_nodes) == 1 and all(r.get("GPU", 0) == 0 for r in start_nodes.values())
-    assert (trials.status == "ok").all() and len(trials) == 4
     trial_nodes = set(epochs.node_id)
     assert not trial_nodes & set(start_nodes), "trials ran on a node that existed at start"
     # A worker idle for idle_timeout_minutes (30 s) is removed, and the fake provider's removed nodes are not
@@ -311,31 +317,3 @@ def test_fake_cluster_autoscales_gpu_workers_for_the_smoke_grid(fake_cluster, tm
         assert _pids_mentioning(fake_cluster.temp_dir) == []
     print(f"\nfake cluster: {len(trial_nodes)} GPU worker node(s) {sorted(n[-5:] for n in trial_nodes)}, "
           f"test {time.monotonic() - t0:.1f} s, {len(sockets)} listeners on 127.0.0.1")
-
-
-@pytest.mark.slow
-def test_a_job_submitted_with_the_working_dir_finishes_the_smoke_grid(another_fake_cluster, tmp_path):
-    """The README's cloud flow against the local cluster: `ray job submit --working-dir . -- python -m
-    raybench.grid --address auto ...`. The job's driver runs on the head in an uploaded copy of this folder
-    (so it imports that copy of raybench), joins with --address auto (the job sets RAY_ADDRESS), and writes
-    the run folder the user asked for, analysis included."""
-    cluster = another_fake_cluster
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
-           "LANG": "C.UTF-8", **cluster.driver_env()}
-    job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
-                          cluster.dashboard_url, "--working-dir", ".", "--",
-                          "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-p8-*",
-                          "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5", "--train-size", "400",
-                          "--test-size", "100", "--results-dir", str(tmp_path), "--name", "job"],
-                         env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
-    out = job.stdout + job.stderr
-    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
-    run_dir = tmp_path / "job"
-    trials = pd.read_parquet(run_dir / "trials.parquet")
-    epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    assert set(trials.trial) == {"vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"}
-    assert (trials.status == "ok").all() and len(epochs) == 2 * 2
-    assert (run_dir / "analysis" / "report.md").stat().st_size > 0
-    assert "[grid] 2 trials: 2 ok" in out  # the driver's own summary, streamed back by `ray job submit`
-    # the job ran the uploaded copy: its driver's working folder is Ray's, not this checkout
-    assert not json.loads((run_dir / "experiment.json").read_text())["path"].startswith(str(ROOT))
