@@ -222,9 +222,10 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     a run each). Two CPUs, two per trial: one trial at a time, in grid order. Once the first trial has finished,
     the second one's process is killed with SIGKILL in its second epoch: Tune retries it from its epoch-1
     checkpoint in a new process. As soon as the retry has reported an epoch, the driver gets SIGTERM, as a batch
-    scheduler sends at a time limit: it stops the way Ctrl+C does, saying what it kept and how to continue, and
-    leaves no process behind. The results folder is moved (as when copying it to another disk) and the run
-    resumed to its end. (SIGHUP, and a second signal stopping a run at once: tests/test_recover.py.)"""
+    scheduler sends at a time limit: it stops the way Ctrl+C does, saying what it kept and how to continue; a
+    SIGHUP (a closed terminal) half a second later, while Tune stops, ends it at once, keeping what was written
+    and leaving no process behind. The results folder is moved (as when copying it to another disk) and the run
+    resumed to its end."""
     import psutil
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
                            epochs=4, train_size=1200)
@@ -249,6 +250,8 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
         wait_for(lambda: (second_rows().pid != killed).any())  # the retry's first epoch
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # its local Ray, the trials, the reaper
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # while Tune stops
+        proc.send_signal(signal.SIGHUP)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -261,6 +264,7 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"[grid] stopped by SIGTERM: 1/2 trials ended, {len(before)} epochs kept in {run_dir}")
     assert last.endswith(f"--results-dir {tmp_path / 'res'} --name stop --resume")
+    assert "SIGTERM: stopping the run; finished epochs are kept" in out, out[-3000:]
     assert "Traceback" not in out.split("SIGTERM: stopping the run")[1]  # (the SIGKILLed trial's is logged above)
     _, alive = psutil.wait_procs(ray_processes, timeout=15)
     assert not alive, [p.cmdline() for p in alive]

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import TINY_VIT, free_port, run_grid
 from injected_faults import oom_env
+from test_grid import read_epochs
 
 TINY = ["--only", "vit-p8-e32-l1", "--train-size", "200", "--test-size", "100", "--no-analysis"]
 
@@ -132,6 +133,11 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     driver was killed with SIGKILL mid-epoch. Nothing of the killed driver's Ray session is left running, and
     the resumed run gets its 2 (logical) GPUs back: enough for a trial that needs a whole one.
 
+    A driver killed mid-write may leave its files cut short: here Tune's experiment_state-*.json, epochs.parquet
+    and trials.parquet are each cut to half their bytes before the resume. `--resume` sets them aside (renamed,
+    not deleted), rebuilds the epoch rows from Tune's result files and the trial rows from experiment.json and
+    those, and continues each trial from its newest checkpoint.
+
     In the resumed run (one local Ray start fewer than a run of its own) injected faults make one trial
     run out of GPU memory in epoch 4 until its share reaches 0.5, and the other at any share: the first resumes
     from its epoch-3 checkpoint at 0.25, then 0.5, and finishes; the second climbs to a whole GPU, where an
@@ -143,9 +149,10 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     first = subprocess.Popen(args + ["--gpus", "2", "--only", "vit-p8", "--epochs", "4", "--train-size", "1000",
                                      "--test-size", "200", "--no-analysis"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    epochs = tmp_path / "results" / "k1" / "epochs.parquet"
+    run_dir = tmp_path / "results" / "k1"
+    epochs = run_dir / "epochs.parquet"
     deadline = time.monotonic() + 300
-    while not (epochs.exists() and len(pd.read_parquet(epochs)) >= 1):
+    while read_epochs(run_dir).trial.nunique() < 2:  # an epoch of each: both have rows to recover
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
         time.sleep(0.5)
     reapers = [p for p in psutil.process_iter(["cmdline"])
@@ -159,10 +166,21 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     while session_processes(session_dir) and time.monotonic() < deadline:
         time.sleep(1)
     assert not session_processes(session_dir), session_processes(session_dir)
+    before = read_epochs(run_dir)
 
+    (state,) = (run_dir / "ray").glob("experiment_state-*.json")
+    for path in (state, epochs, run_dir / "trials.parquet"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     r = subprocess.run(args + ["--resume"], cwd=tmp_path, env=oom_env(f"{a}:4:0.5;{b}:4:2", env),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # b ended out of memory
+    said = [l for l in r.stdout.splitlines() if l.startswith("[grid] recovered: ")]
+    assert any("epochs.parquet could not be read" in l and "epoch row(s) of 2 trial(s)" in l for l in said), said
+    assert any("trials.parquet could not be read" in l for l in said), said
+    assert any("Tune's state of the run cannot be read" in l for l in said), said
+    assert "0 trial(s) have ended and are kept; 2 go on from their newest checkpoint" in r.stdout
+    for name in (state.name, "epochs.parquet", "trials.parquet"):  # set aside, not deleted
+        assert len(list(state.parent.glob(f"{name}.damaged-*")) + list(run_dir.glob(f"{name}.damaged-*"))) == 1
     trials = pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").set_index("trial")
     assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25,0.5"
     assert trials.loc[a, "gpu_fraction"] == 0.5
@@ -173,6 +191,10 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     assert ep[ep.trial == a].sort_values("epoch").gpu_share.tolist() == [0.125] * 3 + [0.5]  # epoch 4 after the OOMs
     assert (ep.gpu_ids.astype(str) != "").all()  # every trial ran on a (logical) GPU, the resumed ones too
     assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
+    # each went on from a checkpoint: its first epoch is the killed run's row, recovered from Tune's result files
+    for name in (a, b):
+        assert ep[(ep.trial == name) & (ep.epoch == 1)].pid.tolist() == \
+            before[(before.trial == name) & (before.epoch == 1)].pid.tolist()
 
 
 def write_image_folder(root: Path, side: int, per_class: int, classes=("a", "b")) -> Path:
