@@ -293,6 +293,11 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=
             return _disk_full(plan, e) if recover.disk_full_path(e) is not None else _fail(e)
         for note in notes:
             print(f"[grid] recovered: {note}", flush=True)
+        if not notes and recover.all_ended(plan.run_dir, [t.name for t in plan.experiment.trials]):
+            from raybench.results import ResultsWriter, trial_rows
+            print("[grid] every trial of the run has ended: nothing to train, so Ray is not started", flush=True)
+            writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit))
+            return _report(plan, writer, analysis, t_start)
     marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
         ctx = connect(plan)  # keeps the stop signals' handlers, which ray.init replaces

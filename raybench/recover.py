@@ -178,6 +178,15 @@ def check_results(run_dir: Path, tune_dir: Path | None) -> tuple[list[str], set[
     return notes, redo
 
 
+def all_ended(run_dir: Path, names: list[str]) -> bool:
+    """Whether trials.parquet reads and shows every one of `names` ended (ENDED): a resume has nothing to train."""
+    try:
+        status = pd.read_parquet(Path(run_dir) / "trials.parquet").set_index("trial").status
+    except Exception:  # missing or unreadable: the resume rebuilds it and decides then
+        return False
+    return all(status.get(n) in ENDED for n in names)
+
+
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
     """Readers (the notebook, a second shell) see the old file or the new one, never half of one; a full disk
     raises DiskFull naming the file."""

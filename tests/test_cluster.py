@@ -270,11 +270,11 @@ def test_a_job_submitted_with_the_working_dir_runs_the_smoke_grid_on_gpu_workers
     assert refused.returncode == 2 and "no node type the autoscaler may add can hold it" in refused.stderr, (
         refused.stdout[-2000:] + refused.stderr[-2000:])
     assert not (tmp_path / "too-big").exists()
-    # the smoke ViTs, at 1 epoch of 400 images: what is checked is where trials run, not what they learn (the
+    # two smoke ViTs, at 1 epoch of 400 images: what is checked is where trials run, not what they learn (the
     # other families' trials are placed the same way; the watched smoke run trains them all)
     job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
                           fake_cluster.dashboard_url, "--working-dir", ".", "--",
-                          "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-*",
+                          "python", "-m", "raybench.grid", "--experiment", "smoke", "--only", "vit-p8-*",
                           "--address", "auto", "--gpus", "2", "--cpus-per-trial", "0.5", "--epochs", "1",
                           "--train-size", "400", "--test-size", "100", "--results-dir", str(tmp_path),
                           "--name", "job"],
@@ -284,10 +284,10 @@ def test_a_job_submitted_with_the_working_dir_runs_the_smoke_grid_on_gpu_workers
     run_dir = tmp_path / "job"
     trials = pd.read_parquet(run_dir / "trials.parquet")
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    smoke_vits = {f"vit-p{p}-e32-l{l}-h2-m2-seed" for p in (4, 8) for l in (1, 2)}
-    assert set(trials.trial) == smoke_vits and (trials.status == "ok").all() and len(epochs) == 4
+    assert set(trials.trial) == {"vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"}
+    assert (trials.status == "ok").all() and len(epochs) == 2
     assert (run_dir / "analysis" / "report.md").stat().st_size > 0
-    assert "[grid] 4 trials: 4 ok" in out  # the driver's own summary, streamed back by `ray job submit`
+    assert "[grid] 2 trials: 2 ok" in out  # the driver's own summary, streamed back by `ray job submit`
     assert "waits for the autoscaler to add a node" in out  # node types that can hold them: they wait
     # the job ran the uploaded copy: its driver's working folder is Ray's, not this checkout
     assert not json.loads((run_dir / "experiment.json").read_text())["path"].startswith(str(ROOT))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import TINY_VIT, free_port, grid_main, run_grid
+from conftest import TINY_VIT, grid_main, run_grid
 from raybench.experiments import load_experiment
 from raybench.records import SCHEMA, parquet_schema
 
@@ -51,41 +51,6 @@ def test_smoke_grid_packs_trials_onto_one_logical_gpu(smoke_run):
                    and spans.gpu[a] == spans.gpu[b] != ""
                    and spans.start[a] < spans.end[b] and spans.start[b] < spans.end[a]]
     assert overlapping, spans
-
-
-@pytest.mark.slow
-def test_without_the_dashboard_actors_are_reused_a_stale_address_file_is_ignored_and_time_is_accounted(tmp_path):
-    """--no-dashboard: trials of equal resources follow each other in the processes Tune started first (with
-    the dashboard on, every trial gets its own actor, so the dashboard lists it under its own name).
-
-    Meanwhile the default address file names a Ray that is gone, as a `ray start --head` whose processes died
-    leaves /tmp/ray/ray_current_cluster; `ray.init()` would join that and refuse num_cpus/num_gpus (Ray 2.60).
-    The default run must not care. (In this test rather than one of its own: one local Ray start fewer.)"""
-    from ray._common.utils import get_ray_address_file
-    path = Path(get_ray_address_file(None))
-    before = path.read_text() if path.exists() else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"127.0.0.1:{free_port()}")  # nothing answers there
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        r = run_grid("--gpus", 0, "--cpus", 1, "--no-dashboard", "--only", "vit-p8-*", "--epochs", 1,
-                     "--train-size", 200, "--test-size", 100, "--results-dir", tmp_path, "--name", "reuse",
-                     "--no-analysis", env=env)
-    finally:
-        if before is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_text(before)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    run_dir = tmp_path / "reuse"
-    epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    assert epochs.trial.nunique() == 2 and epochs.pid.nunique() == 1  # one actor process ran both trials
-    from raybench.bench import grid_phases
-    phases = grid_phases(run_dir)
-    assert phases["actor_processes"] == 1 and phases["between_trials_n"] == 1
-    total = float(re.search(r"\[grid\] (\d+) s in all", r.stdout).group(1))
-    spent = sum(phases[k] for k in ("before_ray", "ray_start", "tune_run", "ray_shutdown", "report_and_analysis"))
-    assert 0 < spent <= total + 1 and phases["first_epoch_after_s"] > 0 and phases["after_last_epoch_s"] >= 0
 
 
 @pytest.mark.slow
@@ -462,10 +427,13 @@ def test_a_diverging_trial_is_recorded_asha_stops_a_hopeless_one_and_mlflow_has_
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
             list(zip(mine.epoch, mine.test_acc))
 
-    # --resume keeps the scheduler's decision and the divergence: neither trial is trained on
+    # --resume keeps the scheduler's decision and the divergence: neither trial is trained on, and with every
+    # trial ended there is nothing to start Ray for
     again = run_grid("--experiment", exp, "--results-dir", tmp_path / "res", "--name", "asha", "--resume",
                      "--no-analysis", cwd=tmp_path)
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "every trial of the run has ended: nothing to train" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
     after = pd.read_parquet(run_dir / "trials.parquet").set_index("trial")
     assert after.status.to_dict() == trials.status.to_dict()
     assert after.epochs_done.to_dict() == trials.epochs_done.to_dict()

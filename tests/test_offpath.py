@@ -1,6 +1,6 @@
 """The paths next to the smoke run, with the real thing each time: a Ray head started by `ray start` in its own
 temp dir (token auth on, as Ray 2.60 starts it), a driver killed with SIGKILL, an image folder on disk, a
-trial out of GPU memory. (A stale address file is test_grid.py's, beside actor reuse.)"""
+trial out of GPU memory. (A stale address file is test_bench.py's, beside actor reuse.)"""
 from __future__ import annotations
 
 import os
