@@ -17,6 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+# Even so, a grid's trials, its driver and Ray's daemons and the other worker's test share the cores: an OpenMP
+# thread that waits for work spins on a core another process needs (OMP_WAIT_POLICY=ACTIVE-like, torch's
+# default), and a pair of two-thread trainings then costs 10-28 core-seconds instead of 10 (docs/benchmarks.md).
+# Waiting threads sleep instead; every process the tests start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from raybench.configs import (HFConfig, PyConfig, ResNetConfig, SwinConfig, TorchvisionConfig,  # noqa: E402
                               ViTConfig)  # (after the environment above)
