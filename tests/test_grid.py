@@ -193,7 +193,7 @@ def test_a_killed_trial_retries_from_its_checkpoint_and_a_stopped_driver_resumes
     resumed to its end."""
     import psutil
     exp = write_experiment(tmp_path / "stop.yaml", ["vit-p8-e32-l1-h2-m2", "vit-p4-e64-l2-h2-m2"],
-                           epochs=4, train_size=1200)
+                           epochs=4, train_size=800)
     first_trial, second_trial = "vit-p8-e32-l1-h2-m2-seed", "vit-p4-e64-l2-h2-m2-seed"
     run_dir = tmp_path / "res" / "stop"
     args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--gpus", "0", "--cpus", "2",

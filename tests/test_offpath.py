@@ -147,7 +147,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     args = [sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--name", "k1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(args + ["--gpus", "2", "--only", "vit-p8", "--epochs", "4", "--train-size", "1000",
-                                     "--test-size", "200", "--no-analysis"],
+                                     "--test-size", "200", "--no-analysis", "--no-dashboard"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "results" / "k1"
     epochs = run_dir / "epochs.parquet"
