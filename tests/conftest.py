@@ -22,9 +22,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # default), and a pair of two-thread trainings then costs 10-28 core-seconds instead of 10 (docs/benchmarks.md).
 # Waiting threads sleep instead; every process the tests start inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# A local Ray prestarts a worker process per CPU for tasks; raybench's trials are actors, which get processes of
-# their own, so those sit idle: about 1 core-second per Ray start, and the suite starts Ray some twenty times.
-os.environ.setdefault("RAY_enable_worker_prestart", "0")
 
 from raybench.configs import (HFConfig, PyConfig, ResNetConfig, SwinConfig, TorchvisionConfig,  # noqa: E402
                               ViTConfig)  # (after the environment above)
