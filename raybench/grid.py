@@ -294,10 +294,8 @@ def _run_locked(plan: RunPlan, fresh: bool, analysis: bool, t_start: float, est=
         for note in notes:
             print(f"[grid] recovered: {note}", flush=True)
         if not notes and recover.all_ended(plan.run_dir, [t.name for t in plan.experiment.trials]):
-            from raybench.results import ResultsWriter, trial_rows
             print("[grid] every trial of the run has ended: nothing to train, so Ray is not started", flush=True)
-            writer = ResultsWriter(plan.run_dir, trial_rows(plan.experiment.trials, plan.resources, plan.git_commit))
-            return _report(plan, writer, analysis, t_start)
+            return _report(plan, _results_writer(plan), analysis, t_start)
     marks = {"start": time.time()}  # where a run's seconds go, printed at the end (and read by raybench.bench)
     try:
         ctx = connect(plan)  # keeps the stop signals' handlers, which ray.init replaces
@@ -376,15 +374,13 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None, recount:
     from raybench import recover
     from raybench.plan import write_run_record
     from raybench.sizing import max_concurrent
-    from raybench.results import RUN_DIR_ENV, ResultsWriter, trial_rows, watch_ray_logs_for_a_full_disk
+    from raybench.results import RUN_DIR_ENV, watch_ray_logs_for_a_full_disk
     from raybench.trainable import StudyTrial
     if not plan.resume:
         write_run_record(plan)
-    rows = trial_rows(plan.experiment.trials, plan.resources, plan.git_commit)
     if est is not None:  # the epoch lines' ETAs start from it (raybench.results)
         estimate.write(est, plan.run_dir)
-        rows = [{**r, "predicted_time_s": est.predicted_time_s().get(r["trial"], r["predicted_time_s"])} for r in rows]
-    writer = ResultsWriter(plan.run_dir, rows, recount=recount)
+    writer = _results_writer(plan, est, recount)
     watch_ray_logs_for_a_full_disk()
     os.environ[RUN_DIR_ENV] = str(plan.run_dir)  # for the restored writer of a resumed run (see raybench.results)
     dash = getattr(ctx, "dashboard_url", None)
@@ -437,6 +433,15 @@ def _fit(plan: RunPlan, ctx, pending_timeout_s: float | None, est=None, recount:
     with STOP.tune_loop():
         tuner.fit()
     return writer
+
+
+def _results_writer(plan: RunPlan, est=None, recount: bool = False):
+    """The run's ResultsWriter, its trials' rows carrying the estimate's predicted times where there is one."""
+    from raybench.results import ResultsWriter, trial_rows
+    rows = trial_rows(plan.experiment.trials, plan.resources, plan.git_commit)
+    if est is not None:
+        rows = [{**r, "predicted_time_s": est.predicted_time_s().get(r["trial"], r["predicted_time_s"])} for r in rows]
+    return ResultsWriter(plan.run_dir, rows, recount=recount)
 
 
 def reuse_actors(dashboard_url: str | None) -> bool:

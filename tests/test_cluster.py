@@ -203,14 +203,12 @@ def _free_ports(n: int) -> list[int]:
 @pytest.fixture
 def fake_cluster():
     """A fresh fake autoscaling cluster from cluster-local.yaml on free ports and its own short temp dir: a head
-    without GPUs and no workers yet.
+    without GPUs and no workers yet. One per test: when a job ran on a cluster an earlier test had used, the
+    autoscaler removed that test's idle workers meanwhile, and the job's uploaded working dir vanished under its
+    driver (fake nodes share one machine's session dir).
 
     Teardown stops it (idempotent, so a test may stop it first) and fails if any of its processes remain.
     """
-    yield from _fake_cluster()
-
-
-def _fake_cluster():
     temp = tempfile.mkdtemp(prefix="rbc-", dir="/tmp")
     gcs, dashboard, client, agent = _free_ports(4)
     cluster = start_local_cluster(ROOT / "cluster-local.yaml", gcs, temp, dashboard_port=dashboard,
