@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from raybench.complexity import complexity, measure
+from conftest import cli_main
+from raybench.complexity import complexity, main, measure
 from raybench.configs import ResNetConfig, SwinConfig, study_models
 from raybench.models import build_model
 
@@ -51,10 +52,11 @@ def test_cli_rejects_a_bad_config_by_name():
     assert r.returncode == 2 and "patch=5" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_names_a_bad_model_or_experiment(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "raybench.complexity", "vit-p4-e2"], capture_output=True, text=True)
-    assert r.returncode == 2 and "vit-p4-e2" in r.stderr and "experiment" in r.stderr
+def test_cli_names_a_bad_model_or_experiment(tmp_path, capsys):
+    # in this process (cli_main): the test above shows what a shell sees
+    rc, err = cli_main(capsys, main, "vit-p4-e2")
+    assert rc == 2 and "vit-p4-e2" in err and "experiment" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [resnet18-cifar]\nnum_classes: ten\n")
-    r = subprocess.run([sys.executable, "-m", "raybench.complexity", str(bad)], capture_output=True, text=True)
-    assert r.returncode == 2 and "num_classes='ten'" in r.stderr and "Traceback" not in r.stderr
+    rc, err = cli_main(capsys, main, bad)
+    assert rc == 2 and "num_classes='ten'" in err and "Traceback" not in err

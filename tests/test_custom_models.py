@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import grid_main, run_grid
+from conftest import cli_main, grid_main, run_grid
 from raybench.complexity import complexity, count_flops, measure
 from raybench.configs import (ConfigError, DataSpec, HFConfig, PyConfig, Recipe, ResNetConfig, SwinConfig,
                               TorchvisionConfig, TrialSpec)
@@ -280,21 +280,24 @@ def test_pretrained_weights_offline_fail_fast_with_instructions(monkeypatch, tmp
 
 # --- the command lines --------------------------------------------------------------------------------------
 
-def test_complexity_cli_says_where_the_flops_come_from(user_folder):
+def test_complexity_cli_says_where_the_flops_come_from(user_folder, capsys, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "raybench.complexity", "--name", f"py:{MODULE}:small_cnn",
                           "--kwargs", '{"width": 8}', "--num-classes", "10", "--json"], capture_output=True,
                          text=True, cwd=user_folder, check=True).stdout
     row = json.loads(out)
     assert (row["model"], row["flops_source"], row["flops"]) == ("py-small_cnn-width8", "counted",
                                                                  2 * (32 * 32 * 27 * 8 + 80))
-    table = subprocess.run([sys.executable, "-m", "raybench.complexity", "vit-p8-e32-l1-h2-m2",
-                            "torchvision:mobilenet_v3_small"], capture_output=True, text=True, check=True).stdout
+    # the rest in this process, from the same working folder (a fresh process each adds only its imports)
+    from raybench.complexity import main
+    monkeypatch.chdir(user_folder)
+    capsys.readouterr()
+    assert main(["vit-p8-e32-l1-h2-m2", "torchvision:mobilenet_v3_small"]) == 0
+    table = capsys.readouterr().out
     assert "FLOPs from" in table
     assert [line.split()[-1] for line in table.splitlines() if line.startswith(("vit-", "tv-"))] == [
         "form", "counted"]  # "closed form", "counted"
-    bad = subprocess.run([sys.executable, "-m", "raybench.complexity", "--name", f"py:{MODULE}:fixed_head"],
-                         capture_output=True, text=True, cwd=user_folder)
-    assert bad.returncode == 2 and "expected logits of shape (2, 100)" in bad.stderr and "Traceback" not in bad.stderr
+    rc, err = cli_main(capsys, main, "--name", f"py:{MODULE}:fixed_head")
+    assert rc == 2 and "expected logits of shape (2, 100)" in err and "Traceback" not in err
 
 
 def test_train_cli_trains_a_py_model_from_the_working_folder(user_folder):

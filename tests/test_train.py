@@ -151,13 +151,18 @@ def test_cli_prints_a_line_per_epoch():
 
 
 def test_cli_takes_a_precision_and_refuses_an_unknown_one(capsys):
+    # in this process: the test above runs the command as a shell does, the one below a refusal
+    from raybench.train import main
     base = ["--name", "vit-p8-e32-l1-h2-m2", "--epochs", "1", "--train-size", "200", "--test-size", "50", "--json"]
-    r = subprocess.run([sys.executable, "-m", "raybench.train", *base, "--precision", "fp32"], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert [json.loads(l)["precision"] for l in r.stdout.splitlines() if l.startswith("{")] == ["fp32"]
-    assert "device cpu (fp32)" in r.stdout
-    from raybench.train import main  # the refusal in this process (cli_main); the test below runs one in a shell's way
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        assert main([*base, "--precision", "fp32", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets its process's threads
+    out = capsys.readouterr().out
+    assert [json.loads(l)["precision"] for l in out.splitlines() if l.startswith("{")] == ["fp32"]
+    assert "device cpu (fp32)" in out
     rc, err = cli_main(capsys, main, *base, "--precision", "fp16")
     assert rc == 2 and "'fp16'" in err and "bf16" in err and "Traceback" not in err
 
