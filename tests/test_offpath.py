@@ -139,9 +139,9 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     those, and continues each trial from its newest checkpoint.
 
     In the resumed run (one local Ray start fewer than a run of its own) injected faults make one trial
-    run out of GPU memory in epoch 4 until its share reaches 0.5, and the other at any share: the first resumes
-    from its epoch-3 checkpoint at 0.25, then 0.5, and finishes; the second climbs to a whole GPU, where an
-    OOM is final. Every (trial, epoch) lands exactly once."""
+    run out of GPU memory in epoch 4 until its share reaches 0.25, and the other at any share: the first resumes
+    from its epoch-3 checkpoint at 0.25 and finishes; the second climbs through 0.25 and 0.5 to a whole GPU,
+    where an OOM is final. Every (trial, epoch) lands exactly once."""
     import psutil
     a, b = "vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"
     args = [sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--name", "k1"]
@@ -171,7 +171,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     (state,) = (run_dir / "ray").glob("experiment_state-*.json")
     for path in (state, epochs, run_dir / "trials.parquet"):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    r = subprocess.run(args + ["--resume"], cwd=tmp_path, env=oom_env(f"{a}:4:0.5;{b}:4:2", env),
+    r = subprocess.run(args + ["--resume"], cwd=tmp_path, env=oom_env(f"{a}:4:0.25;{b}:4:2", env),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # b ended out of memory
     said = [l for l in r.stdout.splitlines() if l.startswith("[grid] recovered: ")]
@@ -182,13 +182,13 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     for name in (state.name, "epochs.parquet", "trials.parquet"):  # set aside, not deleted
         assert len(list(state.parent.glob(f"{name}.damaged-*")) + list(run_dir.glob(f"{name}.damaged-*"))) == 1
     trials = pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").set_index("trial")
-    assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25,0.5"
-    assert trials.loc[a, "gpu_fraction"] == 0.5
+    assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25"
+    assert trials.loc[a, "gpu_fraction"] == 0.25
     assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.125,0.25,0.5,1"
     ep = pd.read_parquet(epochs)
     assert not ep.duplicated(["trial", "epoch"]).any()
     assert sorted(ep[ep.trial == a].epoch) == [1, 2, 3, 4] and sorted(ep[ep.trial == b].epoch) == [1, 2, 3]
-    assert ep[ep.trial == a].sort_values("epoch").gpu_share.tolist() == [0.125] * 3 + [0.5]  # epoch 4 after the OOMs
+    assert ep[ep.trial == a].sort_values("epoch").gpu_share.tolist() == [0.125] * 3 + [0.25]  # epoch 4 after the OOM
     assert (ep.gpu_ids.astype(str) != "").all()  # every trial ran on a (logical) GPU, the resumed ones too
     assert "retrying from its last checkpoint with GPU share 0.25" in r.stdout
     # each went on from a checkpoint: its first epoch is the killed run's row, recovered from Tune's result files
