@@ -5,22 +5,33 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
 from raybench.configs import ResNetConfig
 from raybench.models.hub import WeightsUnavailable, reachable
 from raybench.models.registry import Complexity, Family, register
 
 
-def torchvision_weights_path(weights=ResNet18_Weights.IMAGENET1K_V1) -> Path:
-    """Where torchvision keeps (and looks for) the downloaded weights: $TORCH_HOME/hub/checkpoints/<file>."""
+# torchvision is imported where a ResNet is built or its weights are looked up, not with this module: its import
+# pulls in torch._dynamo, which the grid's driver would load for nothing in a study without a ResNet (a trial
+# process loads it anyway, with its optimizer). docs/benchmarks.md has what it costs.
+
+def imagenet_weights():
+    from torchvision.models import ResNet18_Weights
+    return ResNet18_Weights.IMAGENET1K_V1
+
+
+def torchvision_weights_path(weights=None) -> Path:
+    """Where torchvision keeps (and looks for) the downloaded weights: $TORCH_HOME/hub/checkpoints/<file>.
+    `weights`: a torchvision weights enum member; ResNet-18's ImageNet weights by default."""
+    weights = weights or imagenet_weights()
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1, what: str = "ResNet-18 ImageNet",
+def weights_unavailable(weights=None, what: str = "ResNet-18 ImageNet",
                         instead: str = "resnet18-cifar / resnet18-imagenet") -> WeightsUnavailable | None:
     """Why torchvision's `weights` can be neither read from its cache nor downloaded, else None. The message
     names the model (`what`) and what trains without them (`instead`)."""
+    weights = weights or imagenet_weights()
     path = torchvision_weights_path(weights)
     if not path.exists() and not reachable(weights.url):
         # torchvision would otherwise fail deep inside urllib; say what to do instead.
@@ -31,9 +42,10 @@ def weights_unavailable(weights=ResNet18_Weights.IMAGENET1K_V1, what: str = "Res
     return None
 
 
-def pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
-    """torchvision's `weights` as a state dict, from its cache or downloaded; refused with instructions when
-    neither can be had."""
+def pretrained_state(weights=None) -> dict:
+    """torchvision's `weights` (ResNet-18's ImageNet ones by default) as a state dict, from its cache or
+    downloaded; refused with instructions when neither can be had."""
+    weights = weights or imagenet_weights()
     err = weights_unavailable(weights)
     if err:
         raise err
@@ -44,6 +56,7 @@ def pretrained_state(weights=ResNet18_Weights.IMAGENET1K_V1) -> dict:
 
 def build_resnet(cfg: ResNetConfig, weights: bool = True) -> nn.Module:
     """`weights=False`: a pretrained config's architecture with random weights (complexity needs no download)."""
+    from torchvision.models import resnet18
     model = resnet18()
     if cfg.pretrained:
         if weights:
@@ -55,7 +68,7 @@ def build_resnet(cfg: ResNetConfig, weights: bool = True) -> nn.Module:
         # 32x32 inputs: a 7x7/2 conv plus max-pool would shrink them to 8x8 before the first block.
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    t = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    t = imagenet_weights().transforms()
     model.input_size = cfg.image_size
     model.mean, model.std = (tuple(t.mean), tuple(t.std)) if cfg.pretrained else (None, None)
     return model
