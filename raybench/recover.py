@@ -160,9 +160,14 @@ def check_results(run_dir: Path, tune_dir: Path | None) -> tuple[list[str], set[
     else:
         t = pd.read_parquet(trials_path).set_index("trial")
         status, total = t.status.to_dict(), t.epochs.to_dict()
-    for name, mine in ep.sort_values("epoch").groupby("trial"):
+    rows = dict(tuple(ep.sort_values("epoch").groupby("trial")))
+    # Tune logs a result after raybench's callback has written its row: a driver killed between the two leaves a
+    # trial with a checkpoint and no row in Tune's files, whose epochs must still be accounted for
+    checkpointed = {c.parent.name for c in tune_dir.glob("*/checkpoint_*")} if tune_dir else set()
+    for name in sorted(set(rows) | checkpointed):
+        mine = rows.get(name, ep.iloc[:0])
         done = sorted(int(e) for e in mine.epoch)
-        st = status.get(name, mine.status.iloc[-1])
+        st = status.get(name, mine.status.iloc[-1] if len(mine) else None)
         last = newest_checkpoint_epoch(tune_dir / name) if tune_dir else 0
         lost = sorted(set(range(1, last + 1)) - set(done))
         if st in ENDED and not lost:

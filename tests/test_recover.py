@@ -1,6 +1,7 @@
 """A run that stopped on a full disk goes on with the README's `--resume` once there is room: every (trial, epoch)
-once. (A run whose files a killed driver left cut short: tests/test_offpath.py; a trial whose checkpoint is gone or
-cut: tests/test_trainable.py.)"""
+once; a trial with a checkpoint but no surviving row is trained again from epoch 1. (A run whose files a killed
+driver left cut short: tests/test_offpath.py; a trial whose checkpoint is gone or cut: tests/test_trainable.py.)"""
+import json
 import os
 import re
 import shlex
@@ -74,3 +75,28 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once
     for name in finished:  # a trial that had finished is not trained again
         assert after[after.trial == name][same].values.tolist() == before[before.trial == name][same].values.tolist()
     assert (pd.read_parquet(run_dir / "trials.parquet").status == "ok").all()
+
+
+def test_a_trial_with_a_checkpoint_and_no_surviving_row_is_trained_again_from_epoch_1(tmp_path):
+    """A driver killed after raybench wrote an epoch's row but before Tune logged it (Tune's loggers come after
+    raybench's callback), then the Parquet files found cut: the rows are rebuilt from Tune's result files, where
+    trial b has none although its epoch-1 checkpoint loads. Going on after that checkpoint would leave epoch 1
+    without a row, so b is trained again from epoch 1; a goes on after its checkpoint."""
+    import torch
+    from raybench import recover
+    run_dir = tmp_path / "run"
+    tune_dir = run_dir / "ray"
+    for name, logged in (("a", True), ("b", False)):
+        (tune_dir / name / "checkpoint_000000").mkdir(parents=True)
+        torch.save({"epoch": 1}, tune_dir / name / "checkpoint_000000" / recover.STATE_FILE)
+        record = {"epoch": 1, "train_loss": 2.3, "test_acc": 0.1, "config": {"trial": {"name": name}}}
+        (tune_dir / name / "result.json").write_text(json.dumps(record) + "\n" if logged else "")
+    for cut in ("epochs.parquet", "trials.parquet"):  # as the killed driver left them (tests/test_offpath.py)
+        (run_dir / cut).write_bytes(b"PAR1 and then nothing")
+    notes, redo = recover.check_results(run_dir, tune_dir)
+    assert redo == {"b"}
+    assert "recovered 1 epoch row(s) of 1 trial(s) from Tune's result files" in notes[0], notes
+    assert notes[2:] == ["a: epoch rows 1 recovered; it goes on after epoch 1 (its newest checkpoint that loads)",
+                         "b: epoch rows none recovered; no record of epoch(s) 1 survives and its checkpoint is past "
+                         "them: it is trained again from epoch 1"]
+    assert pd.read_parquet(run_dir / "epochs.parquet").trial.tolist() == ["a"]
