@@ -87,6 +87,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "study's tables need every trial finished)")
     p.add_argument("--asha-grace-epochs", type=int, metavar="N",
                    help="with --scheduler asha: epochs every trial gets before it can be stopped (default: 3)")
+    p.add_argument("--grow-min-epoch-s", type=float, metavar="SECONDS",
+                   help="on the local Ray, a CPU trial takes the CPUs that finished trials free (restarted from "
+                        "its checkpoint with one torch thread per CPU) only when its epochs last at least this "
+                        "long; 0: after any epoch; a value above any epoch's time keeps every trial on the CPUs "
+                        "it started with, for per-epoch times at a fixed thread count (default: 20)")
     p.add_argument("--mlflow", nargs="?", const=MLFLOW_IN_RUN_FOLDER, metavar="URI",
                    help="also log every trial as an MLflow run (params: its config; metrics: each epoch) to this "
                         "tracking URI (default URI: sqlite:///<run folder>/mlflow.db); needs "
@@ -112,7 +117,8 @@ def validate_args(args) -> None:
               ("--cpus-per-trial", args.cpus_per_trial, 0, False),
               ("--gpu-memory-gb", args.gpu_memory_gb, 0, False), ("--epochs", args.epochs, 1, True),
               ("--max-failures", args.max_failures, 0, True), ("--asha-grace-epochs", args.asha_grace_epochs, 1, True),
-              ("--train-size", args.train_size, 1, True), ("--test-size", args.test_size, 1, True)]
+              ("--train-size", args.train_size, 1, True), ("--test-size", args.test_size, 1, True),
+              ("--grow-min-epoch-s", args.grow_min_epoch_s, 0, True)]
     for flag, value, low, inclusive in checks:
         if value is not None and not (value >= low if inclusive else value > low):
             raise ExperimentError(f"{flag}={value:g}: must be {'>=' if inclusive else '>'} {low}")
@@ -467,7 +473,7 @@ def make_scheduler(plan: RunPlan):
         sched = FifoOomRequeue()
     if plan.local is not None:  # one node: a CPU trial takes the CPUs finished trials free (raybench.rescale)
         from raybench.rescale import CpuGrowth
-        return CpuGrowth(sched)
+        return CpuGrowth(sched, plan.settings["grow_min_epoch_s"])
     return sched
 
 

@@ -26,13 +26,14 @@ from raybench.records import SCHEMA, SchemaError, check_schema
 LOCAL_RAY_SETTINGS = ("gpus", "cpus", "cpus_per_trial", "gpu_memory_gb", "dashboard_host", "no_dashboard")
 # How Tune runs the trials: the scheduler and the MLflow store. Kept on --resume, so a resumed ASHA run goes on
 # with ASHA (the trials it stopped stay stopped) and keeps logging where it logged.
-TUNE_SETTINGS = ("scheduler", "asha_grace_epochs", "mlflow")
+TUNE_SETTINGS = ("scheduler", "asha_grace_epochs", "mlflow", "grow_min_epoch_s")
 # --mlflow without a URI: a store inside the run folder, resolved where the folder is now (it may have moved
 # between a stop and --resume). SQLite: MLflow 3 refuses its file store (./mlruns) unless told to allow it.
 MLFLOW_IN_RUN_FOLDER = "run-folder"
 MLFLOW_DB = "mlflow.db"
 DEFAULTS = {"cpus_per_trial": 1.0, "dashboard_host": "127.0.0.1", "no_dashboard": False, "max_failures": 2,
-            "pending_timeout": None, "scheduler": "fifo", "asha_grace_epochs": 3, "mlflow": None}
+            "pending_timeout": None, "scheduler": "fifo", "asha_grace_epochs": 3, "mlflow": None,
+            "grow_min_epoch_s": 20.0}
 # Fields of an experiment that a resumed run takes from experiment.json, whatever the flags say now.
 FROZEN_BY_RESUME = ("epochs", "dataset", "data_dir", "seeds", "only", "train_size", "test_size", "compile",
                     "precision")

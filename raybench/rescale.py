@@ -12,20 +12,16 @@ on another node than the trial's.
 from __future__ import annotations
 
 import math
-import os
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-# A pause and resume costs a new actor, the data on the device again and a feature pass: worth it only for
-# epochs at least this long (seconds of training + evaluation). RAYBENCH_GROW_MIN_EPOCH_S sets another (tests).
-GROW_MIN_EPOCH_S = float(os.environ.get("RAYBENCH_GROW_MIN_EPOCH_S", "20"))
-
 
 def extra_cpus(free_cpus: float, trial_cpus: float, node_cpus: float, epochs_left: int, epoch_s: float,
-               waiting: int, min_epoch_s: float = GROW_MIN_EPOCH_S) -> int:
+               waiting: int, min_epoch_s: float) -> int:
     """Whole CPUs to add to a CPU trial after an epoch: the free ones (up to the node's), when nothing waits for
-    them and the epochs left are long enough to pay for the restart."""
+    them and the epochs left are long enough to pay for the restart (`min_epoch_s`: the grid's
+    --grow-min-epoch-s; a pause and resume costs a new actor, the data on the device again and a feature pass)."""
     if waiting or epochs_left < 1 or epoch_s < min_epoch_s:
         return 0
     return max(0, int(math.floor(min(free_cpus, node_cpus - trial_cpus) + 1e-9)))
@@ -34,7 +30,7 @@ def extra_cpus(free_cpus: float, trial_cpus: float, node_cpus: float, epochs_lef
 class CpuGrowth(TrialScheduler):
     """Wraps the run's scheduler (see the module's docstring)."""
 
-    def __init__(self, base, min_epoch_s: float = GROW_MIN_EPOCH_S):
+    def __init__(self, base, min_epoch_s: float):
         super().__init__()
         self.base, self.min_epoch_s = base, min_epoch_s
         self.grow: dict = {}  # trial -> its new resources, set once it is no longer running

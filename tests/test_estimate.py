@@ -317,7 +317,7 @@ def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
                    "recipes: [seed]\nseeds: [0]\nepochs: 4\n"
                    "models:\n  - {name: vit-p8-e32-l1-h2-m2, epochs: 1}\n  - vit-p4-e32-l2-h2-m2\n")
     r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", tmp_path, "--name", "grow",
-                 "--no-analysis", "--no-dashboard", env={"RAYBENCH_GROW_MIN_EPOCH_S": "0"})
+                 "--no-analysis", "--no-dashboard", "--grow-min-epoch-s", 0)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ep = pd.read_parquet(tmp_path / "grow" / "epochs.parquet")
     assert not ep.duplicated(["trial", "epoch"]).any()
@@ -325,6 +325,8 @@ def test_a_cpu_trial_takes_the_cpus_a_finished_trial_freed(tmp_path):
     assert long.epoch.tolist() == [1, 2, 3, 4], ep[["trial", "epoch", "threads"]]
     assert long.threads.iloc[0] == 1 and long.threads.iloc[-1] == 2, ep[["trial", "epoch", "threads"]]
     assert "goes on with 2 CPUs" in r.stdout
+    settings = json.loads((tmp_path / "grow" / "experiment.json").read_text())["settings"]
+    assert settings["grow_min_epoch_s"] == 0  # --resume goes on with it
 
 
 def test_an_image_folders_splits_are_counted_by_suffix(tmp_path):
