@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -120,6 +121,8 @@ def validate_args(args) -> None:
               ("--train-size", args.train_size, 1, True), ("--test-size", args.test_size, 1, True),
               ("--grow-min-epoch-s", args.grow_min_epoch_s, 0, True)]
     for flag, value, low, inclusive in checks:
+        if value is not None and not math.isfinite(value):  # float flags: "inf" and "nan" parse
+            raise ExperimentError(f"{flag}={value:g}: must be a finite number")
         if value is not None and not (value >= low if inclusive else value > low):
             raise ExperimentError(f"{flag}={value:g}: must be {'>=' if inclusive else '>'} {low}")
     if args.gpus is not None and args.gpus != int(args.gpus):

@@ -293,6 +293,8 @@ def test_refusals_reach_the_shell_as_exit_status_2_and_one_error_line(tmp_path):
     (["--cpus-per-trial", "0"], "--cpus-per-trial=0: must be > 0"),
     (["--max-failures", "-1"], "--max-failures=-1: must be >= 0"),
     (["--grow-min-epoch-s", "-1"], "--grow-min-epoch-s=-1: must be >= 0"),
+    (["--gpus", "inf"], "--gpus=inf: must be a finite number"),
+    (["--grow-min-epoch-s", "nan"], "--grow-min-epoch-s=nan: must be a finite number"),
     (["--gpu-memory-gb", "0"], "--gpu-memory-gb=0: must be > 0"),
     (["--gpus", "0.5"], "--gpus=0.5: a local Ray gets whole GPUs"),
     (["--cpus", "1", "--cpus-per-trial", "2", "--gpus", "0"], "asks for 2 CPU and 0 GPU, but the nodes offer 1 CPU"),
