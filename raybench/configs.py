@@ -38,8 +38,8 @@ class ConfigError(ValueError):
 def _positive(obj, *names):
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be a positive number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n}={v!r}: must be a finite positive number")
 
 
 def _whole(obj, *names):

@@ -35,6 +35,7 @@ def test_the_vit_grid_has_32_distinct_configs():
     (dict(dim=0), "dim=0"),
     (dict(depth=-1), "depth=-1"),
     (dict(dropout=1.5), "dropout=1.5"),
+    (dict(mlp_ratio=float("inf")), "mlp_ratio=inf: must be a finite positive number"),  # from `--mlp-ratio inf`
 ])
 def test_bad_vit_configs_name_the_field_and_value(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace("=", r".*=")):
