@@ -515,6 +515,8 @@ def main(argv=None) -> int:
             v = getattr(args, flag)
             if v is not None and v < 1:
                 raise ValueError(f"--{flag.replace('_', '-')}={v}: must be >= 1")
+        if not (math.isfinite(args.grid_cpus_per_trial) and args.grid_cpus_per_trial > 0):
+            raise ValueError(f"--grid-cpus-per-trial={args.grid_cpus_per_trial:g}: must be a finite number > 0")
         bad = [p for p in args.precision.split(",") if p not in PRECISIONS]
         if bad or not args.precision:
             raise ValueError(f"--precision {args.precision}: {', '.join(map(repr, bad)) or 'empty'}; accepted: "

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
 import signal
@@ -83,8 +84,8 @@ def make_plan(args) -> Plan:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise ValueError(f"--parts={args.parts!r}: unknown part(s) {unknown}; accepted: {', '.join(PARTS)}")
-    if args.time_scale <= 0:
-        raise ValueError(f"--time-scale={args.time_scale}: must be > 0")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        raise ValueError(f"--time-scale={args.time_scale:g}: must be a finite number > 0")
     models = [m.strip() for m in (args.bench_models.split(",") if args.bench_models else (
         CPU_MODELS if not cuda else (QUICK_MODELS if quick else FULL_MODELS))) if m.strip()]
     study = args.study_experiment or ("seed" if cuda else "smoke")

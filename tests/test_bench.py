@@ -101,6 +101,8 @@ def test_study_needs_cuda_and_bad_input_is_refused(capsys):
     assert bench.main(["--device", "tpu", "--out", "unused"]) == 2
     assert bench.main(["--precision", "fp32,fp16", "--out", "unused"]) == 2
     assert "'fp16'; accepted: auto, bf16, fp32" in capsys.readouterr().err
+    assert bench.main(["--grid-cpus-per-trial", "inf", "--out", "unused"]) == 2
+    assert "--grid-cpus-per-trial=inf: must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_grid_trial_times_sums_a_runs_epochs(tmp_path):

@@ -105,7 +105,9 @@ def test_bad_input_is_refused_before_any_part_runs(tmp_path, capsys):
     assert gpucheck.main(["--parts", "tests,nope", "--out", str(tmp_path / "a")]) == 2
     assert "--parts='tests,nope'" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert gpucheck.main(["--device", "cpu", "--time-scale", "0", "--out", str(tmp_path / "b")]) == 2
-    assert "--time-scale=0.0: must be > 0" in capsys.readouterr().err
+    assert "--time-scale=0: must be a finite number > 0" in capsys.readouterr().err
+    assert gpucheck.main(["--device", "cpu", "--time-scale", "nan", "--out", str(tmp_path / "b")]) == 2
+    assert "--time-scale=nan: must be a finite number > 0" in capsys.readouterr().err
     assert gpucheck.main(["--device", "cpu", "--bench-models", "vit-p3", "--out", str(tmp_path / "b")]) == 2
     assert "model name 'vit-p3'" in capsys.readouterr().err
     assert gpucheck.main(["--device", "cpu", "--study-only", "zzz", "--out", str(tmp_path / "b")]) == 2
