@@ -183,13 +183,19 @@ def check_results(run_dir: Path, tune_dir: Path | None) -> tuple[list[str], set[
     return notes, redo
 
 
+def ended(run_dir: Path) -> set[str]:
+    """The trials trials.parquet shows ended (ENDED): a resume does not train them again."""
+    trials = pd.read_parquet(Path(run_dir) / "trials.parquet")
+    return set(trials.trial[trials.status.isin(ENDED)])
+
+
 def all_ended(run_dir: Path, names: list[str]) -> bool:
-    """Whether trials.parquet reads and shows every one of `names` ended (ENDED): a resume has nothing to train."""
+    """Whether trials.parquet reads and shows every one of `names` ended: a resume has nothing to train."""
     try:
-        status = pd.read_parquet(Path(run_dir) / "trials.parquet").set_index("trial").status
+        done = ended(run_dir)
     except Exception:  # missing or unreadable: the resume rebuilds it and decides then
         return False
-    return all(status.get(n) in ENDED for n in names)
+    return set(names) <= done
 
 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -270,8 +276,8 @@ def resume_entries(run_dir: Path, tune_dir: Path | None, entries: list[dict], re
     """Without Tune's state, the trials still to train are those trials.parquet does not show ended, and `redo`;
     each but those in `redo` is told its folder, where it looks for its newest checkpoint that loads
     (StudyTrial.setup). Tune starts each trial's result.json anew: the one there is kept beside it."""
-    status = pd.read_parquet(run_dir / "trials.parquet").set_index("trial").status
-    todo = [e for e in entries if status.get(e["name"]) not in ENDED or e["name"] in redo]
+    done = ended(run_dir)
+    todo = [e for e in entries if e["name"] not in done or e["name"] in redo]
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     for e in todo:
         log = tune_dir / e["name"] / "result.json" if tune_dir else None
