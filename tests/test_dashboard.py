@@ -11,7 +11,7 @@ def test_dashboard_shows_job_and_trials_and_everything_listens_on_loopback(smoke
     trials = {t.name for t in SMOKE.trials}
     assert smoke_watched.dashboard_url and smoke_watched.dashboard_url.startswith("http://127.0.0.1:"), \
         smoke_watched.stdout
-    assert trials <= smoke_watched.alive_actors, smoke_watched.alive_actors
+    assert trials <= smoke_watched.trial_actors, smoke_watched.trial_actors
     assert any(j.get("type") == "DRIVER" and j.get("status") == "RUNNING" for j in smoke_watched.jobs), \
         smoke_watched.jobs
     sockets = smoke_watched.sockets
