@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY_VIT, free_port, run_grid
 from injected_faults import oom_env
-from test_grid import read_epochs
+from test_grid import read_epochs, write_experiment
 
 TINY = ["--only", "vit-p8-e32-l1", "--train-size", "200", "--test-size", "100", "--no-analysis"]
 
@@ -129,7 +129,7 @@ def session_processes(session_dir: str) -> list[str]:
 
 @pytest.mark.slow
 def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeues_trials_out_of_memory(tmp_path):
-    """README: `python -m raybench.grid --experiment smoke --name k1 --resume`, after a `--gpus 2` run whose
+    """README: `python -m raybench.grid --experiment EXPERIMENT --name k1 --resume`, after a `--gpus 2` run whose
     driver was killed with SIGKILL mid-epoch. Nothing of the killed driver's Ray session is left running, and
     the resumed run gets its 2 (logical) GPUs back: enough for a trial that needs a whole one.
 
@@ -140,14 +140,16 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
 
     In the resumed run (one local Ray start fewer than a run of its own) injected faults make one trial
     run out of GPU memory in epoch 4 until its share reaches 0.25, and the other at any share: the first resumes
-    from its epoch-3 checkpoint at 0.25 and finishes; the second climbs through 0.25 and 0.5 to a whole GPU,
-    where an OOM is final. Every (trial, epoch) lands exactly once."""
+    from its epoch-3 checkpoint at 0.25 and finishes; the second, given half a GPU by the experiment file, climbs
+    to a whole one, where an OOM is final. Every (trial, epoch) lands exactly once."""
     import psutil
     a, b = "vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"
-    args = [sys.executable, "-m", "raybench.grid", "--experiment", "smoke", "--name", "k1"]
+    exp = write_experiment(tmp_path / "k1.yaml", ["vit-p8-e32-l1-h2-m2", {"name": "vit-p8-e32-l2-h2-m2",
+                                                                         "resources": {"gpu": 0.5}}],
+                           epochs=4, train_size=1000)
+    args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--name", "k1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(args + ["--gpus", "2", "--only", "vit-p8", "--epochs", "4", "--train-size", "1000",
-                                     "--test-size", "200", "--no-analysis", "--no-dashboard"],
+    first = subprocess.Popen(args + ["--gpus", "2", "--no-analysis", "--no-dashboard"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "results" / "k1"
     epochs = run_dir / "epochs.parquet"
@@ -187,7 +189,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     trials = pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").set_index("trial")
     assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25"
     assert trials.loc[a, "gpu_fraction"] == 0.25
-    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.125,0.25,0.5,1"
+    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.5,1"
     ep = pd.read_parquet(epochs)
     assert not ep.duplicated(["trial", "epoch"]).any()
     assert sorted(ep[ep.trial == a].epoch) == [1, 2, 3, 4] and sorted(ep[ep.trial == b].epoch) == [1, 2, 3]
