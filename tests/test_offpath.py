@@ -102,14 +102,14 @@ def test_pending_trials_stop_the_run_after_the_timeout_with_the_resume_command(g
     held = subprocess.run([sys.executable, str(hog)], capture_output=True, text=True, env=env, timeout=120)
     assert "held" in held.stdout, held.stderr[-2000:]
     try:
-        r = run_grid("--gpus", "0", *TINY, "--pending-timeout", "0.1", "--results-dir", tmp_path, "--name", "waits",
+        r = run_grid("--gpus", "0", *TINY, "--pending-timeout", "0.05", "--results-dir", tmp_path, "--name", "waits",
                      env={"RAY_ADDRESS": gpuless_head}, timeout=300)
     finally:
         subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gpuless_head!r}); "
                         "ray.kill(ray.get_actor('hog'))"], capture_output=True, env=env, timeout=120)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"RAY_ADDRESS={gpuless_head} is set" in r.stdout
-    assert "waited 0.1 min for resources" in r.stdout and "--name waits --resume" in r.stdout
+    assert "waited 0.05 min for resources" in r.stdout and "--name waits --resume" in r.stdout
     trials = pd.read_parquet(tmp_path / "waits" / "trials.parquet")
     assert trials.status.tolist() == ["pending"]
 
