@@ -27,6 +27,10 @@ import threading
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# For the Ray raybench starts (its raylet reads it): Ray starts an idle worker per CPU for a node's first
+# driver, in the job's runtime environment. Tune gives its trial actors one of their own (env_vars), so no
+# trial can use those workers: each would import Ray for nothing.
+NO_PRESTART = {"RAY_prestart_worker_first_driver": "0"}
 
 
 class ClusterUnavailable(RuntimeError):
@@ -93,6 +97,8 @@ def _connect(plan):
               flush=True)
     # Read at `import ray`: with it off, a local Ray of Ray 2.60 binds every service on 127.0.0.1 only.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for k, v in NO_PRESTART.items():
+        os.environ.setdefault(k, v)
     import ray
     local = plan.local
     ctx = ray.init(address="local", num_cpus=local.cpus, num_gpus=local.gpus, include_dashboard=local.dashboard,

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from raybench.session import NO_PRESTART, end_processes
+
 PORT_BASE = 20000  # below Linux's ephemeral range (32768-60999), where connections take their local ports
 SLOT = 200  # ports per job and node: 10 of Ray's services, the rest its worker processes
 SLOTS = (32768 - PORT_BASE) // SLOT
@@ -93,14 +95,13 @@ def start_ray(head_address: str | None, ports: dict, temp_dir: str, cpus: int, g
     else:
         cmd += [f"--address={head_address}"]
     cmd += [f"--{n}={ports[n]}" for n in names]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**NO_PRESTART, **os.environ})
     if r.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 
 
 def stop_ray(temp_dir: str) -> int:
     """End this job's Ray on this node: the processes whose command line names its temp folder."""
-    from raybench.session import end_processes
     return end_processes(temp_dir)
 
 
