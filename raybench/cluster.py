@@ -31,6 +31,8 @@ from typing import Iterator
 
 import yaml
 
+from raybench.session import NO_PRESTART
+
 FAKE_PROVIDER = "fake_multinode"
 # The fake provider always calls its head node type this (ray.autoscaler._private.fake_multi_node).
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
@@ -200,7 +202,7 @@ def start_local_cluster(config_path: str | os.PathLike = DEFAULT_LOCAL_CONFIG, p
     env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
                 # every service, fake workers included, on 127.0.0.1 (not the machine's address)
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", MARKER_ENV: str(temp)})
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", MARKER_ENV: str(temp), **NO_PRESTART})
     # `python` in a submitted job's entrypoint is this interpreter, the one with Ray and raybench installed.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     try:

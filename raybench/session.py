@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# For the Ray raybench starts (its raylet reads it): Ray starts an idle worker per CPU for a node's first
-# driver, in the job's runtime environment. Tune gives its trial actors one of their own (env_vars), so no
-# trial can use those workers: each would import Ray for nothing.
+# For every Ray raybench starts (the local one, a SLURM job's, the local cluster; its raylet reads it): Ray
+# starts an idle worker per CPU for a node's first driver, in the job's runtime environment. Tune gives its
+# trial actors one of their own (env_vars), so no trial can use those workers: each would import Ray for nothing.
 NO_PRESTART = {"RAY_prestart_worker_first_driver": "0"}
 
 
