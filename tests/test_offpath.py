@@ -143,8 +143,10 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     from its epoch-3 checkpoint at 0.25 and finishes; the second, given half a GPU by the experiment file, climbs
     to a whole one, where an OOM is final. Every (trial, epoch) lands exactly once."""
     import psutil
-    a, b = "vit-p8-e32-l1-h2-m2-seed", "vit-p8-e32-l2-h2-m2-seed"
-    exp = write_experiment(tmp_path / "k1.yaml", ["vit-p8-e32-l1-h2-m2", {"name": "vit-p8-e32-l2-h2-m2",
+    # Two ViTs of one size (their epochs take as long): the driver is killed once both have an epoch logged, and
+    # a smaller one could have finished its four by then (it did once, on a slow host)
+    a, b = "vit-p8-e32-l2-h2-m2-seed", "vit-p8-e32-l2-h4-m2-seed"
+    exp = write_experiment(tmp_path / "k1.yaml", ["vit-p8-e32-l2-h2-m2", {"name": "vit-p8-e32-l2-h4-m2",
                                                                          "resources": {"gpu": 0.5}}],
                            epochs=4, train_size=1000)
     args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--name", "k1"]
