@@ -140,14 +140,14 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
 
     In the resumed run (one local Ray start fewer than a run of its own) injected faults make one trial
     run out of GPU memory in epoch 4 until its share reaches 0.25, and the other at any share: the first resumes
-    from its epoch-3 checkpoint at 0.25 and finishes; the second, given half a GPU by the experiment file, climbs
-    to a whole one, where an OOM is final. Every (trial, epoch) lands exactly once."""
+    from its epoch-3 checkpoint at 0.25 and finishes; the second, given a whole GPU by the experiment file, has
+    no larger share to climb to, so its OOM is final. Every (trial, epoch) lands exactly once."""
     import psutil
     # Two ViTs of one size (their epochs take as long): the driver is killed once both have an epoch logged, and
     # a smaller one could have finished its four by then (it did once, on a slow host)
     a, b = "vit-p8-e32-l2-h2-m2-seed", "vit-p8-e32-l2-h4-m2-seed"
     exp = write_experiment(tmp_path / "k1.yaml", ["vit-p8-e32-l2-h2-m2", {"name": "vit-p8-e32-l2-h4-m2",
-                                                                         "resources": {"gpu": 0.5}}],
+                                                                         "resources": {"gpu": 1}}],
                            epochs=4, train_size=1000)
     args = [sys.executable, "-m", "raybench.grid", "--experiment", str(exp), "--name", "k1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -191,7 +191,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     trials = pd.read_parquet(tmp_path / "results" / "k1" / "trials.parquet").set_index("trial")
     assert trials.loc[a, "status"] == "ok" and trials.loc[a, "gpu_shares"] == "0.125,0.25"
     assert trials.loc[a, "gpu_fraction"] == 0.25
-    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "0.5,1"
+    assert trials.loc[b, "status"] == "oom" and trials.loc[b, "gpu_shares"] == "1"
     ep = pd.read_parquet(epochs)
     assert not ep.duplicated(["trial", "epoch"]).any()
     assert sorted(ep[ep.trial == a].epoch) == [1, 2, 3, 4] and sorted(ep[ep.trial == b].epoch) == [1, 2, 3]
