@@ -50,7 +50,8 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once_there_is_room(tmp_path, small_disk):
     exp = write_experiment(tmp_path / "full.yaml", [SMALL, LARGER], epochs=3, train_size=600)
-    r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 2, "--results-dir", small_disk, "--name", "full",
+    # one CPU: the trials run one after the other, the second in the first one's process (Tune's reuse_actors)
+    r = run_grid("--experiment", exp, "--gpus", 0, "--cpus", 1, "--results-dir", small_disk, "--name", "full",
                  "--no-analysis", "--no-dashboard", timeout=300)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
