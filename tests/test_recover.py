@@ -62,6 +62,7 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues_once
     run_dir = small_disk / "full"
     before = read_epochs(run_dir)  # whole: the rows written before the disk filled
     assert len(before) and not before.duplicated(["trial", "epoch"]).any()
+    assert before.pid.nunique() == 1, before[["trial", "epoch", "pid"]]
 
     # space is freed: the disk grows by what the message asked for, and no more
     used = os.statvfs(small_disk)
