@@ -40,7 +40,8 @@ def gpuless_head(tmp_path_factory):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        stop_local_cluster(str(temp))
+        # its GCS, raylet and monitor outwait SIGTERM by seconds; nothing of this head is kept, so SIGKILL soon
+        stop_local_cluster(str(temp), grace_s=1)
         import shutil
         shutil.rmtree(temp, ignore_errors=True)
 
