@@ -153,8 +153,8 @@ def join(address: str):
             error = e
         if may_retry and _rejected(log) and maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
             ray.shutdown()
-            try:
-                return _init(ray, target, tries=6)
+            try:  # the cluster answered and asked for a token: ours gets us in at once or is refused again
+                return _init(ray, target, tries=3)
             except (ConnectionError, RuntimeError) as e:
                 error = e
         why = "it rejected our authentication token" if _rejected(log) else str(error).splitlines()[0]
