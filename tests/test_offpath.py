@@ -4,6 +4,7 @@ trial out of GPU memory. (A stale address file is test_bench.py's, beside actor 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -91,23 +92,29 @@ def test_a_trial_no_node_can_hold_is_refused_before_fit(gpuless_head, tmp_path):
 
 
 def test_pending_trials_stop_the_run_after_the_timeout_with_the_resume_command(gpuless_head, tmp_path):
-    """The head's only CPU is held by another job's detached actor: the trial fits the node but never gets
-    it. --pending-timeout stops the run the way Ctrl+C does; the trial stays pending, resumable. The run joins
-    the head through RAY_ADDRESS, as `ray job submit` sets it, without --address, and says so."""
-    hog = tmp_path / "hog.py"
-    hog.write_text("import ray, time\nray.init(address=%r)\n"
+    """The head's only CPU is held by another job's actor: the trial fits the node but never gets it.
+    --pending-timeout stops the run the way Ctrl+C does; the trial stays pending, resumable. The run joins the
+    head through RAY_ADDRESS, as `ray job submit` sets it, without --address, and says so."""
+    hog = tmp_path / "hog.py"  # a job whose actor holds the CPU until the job ends (at its stdin's end)
+    hog.write_text("import ray, sys\nray.init(address=%r)\n"
                    "@ray.remote(num_cpus=1)\nclass Hog:\n    def ping(self): return 1\n"
-                   "h = Hog.options(name='hog', lifetime='detached').remote()\nray.get(h.ping.remote())\n"
-                   "print('held', flush=True)\n" % gpuless_head)
+                   "h = Hog.remote()\nray.get(h.ping.remote())\nprint('held', flush=True)\nsys.stdin.read()\n"
+                   % gpuless_head)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-    held = subprocess.run([sys.executable, str(hog)], capture_output=True, text=True, env=env, timeout=120)
-    assert "held" in held.stdout, held.stderr[-2000:]
-    try:
-        r = run_grid("--gpus", "0", *TINY, "--pending-timeout", "0.05", "--results-dir", tmp_path, "--name", "waits",
-                     env={"RAY_ADDRESS": gpuless_head}, timeout=300)
-    finally:
-        subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gpuless_head!r}); "
-                        "ray.kill(ray.get_actor('hog'))"], capture_output=True, env=env, timeout=120)
+    with subprocess.Popen([sys.executable, str(hog)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as job:
+        try:
+            ready, _, _ = select.select([job.stdout], [], [], 120)  # a job that hangs fails the test, not the suite
+            held = job.stdout.readline() if ready else "(nothing in 120 s)"
+            assert held == "held\n", held + (job.stderr.read()[-2000:] if job.poll() is not None else "")
+            r = run_grid("--gpus", "0", *TINY, "--pending-timeout", "0.05", "--results-dir", tmp_path, "--name",
+                         "waits", env={"RAY_ADDRESS": gpuless_head}, timeout=300)
+        finally:
+            job.stdin.close()  # the job ends, and its actor with it
+            try:
+                job.wait(timeout=60)
+            finally:
+                job.kill()
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"RAY_ADDRESS={gpuless_head} is set" in r.stdout
     assert "waited 0.05 min for resources" in r.stdout and "--name waits --resume" in r.stdout
