@@ -101,12 +101,13 @@ def test_pending_trials_stop_the_run_after_the_timeout_with_the_resume_command(g
                    "h = Hog.remote()\nray.get(h.ping.remote())\nprint('held', flush=True)\nsys.stdin.read()\n"
                    % gpuless_head)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-    with subprocess.Popen([sys.executable, str(hog)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env) as job:
+    log = tmp_path / "hog.stderr"  # a file, not a pipe: Ray's lines cannot fill it and block the job
+    with open(log, "w") as err, subprocess.Popen([sys.executable, str(hog)], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env) as job:
         try:
             ready, _, _ = select.select([job.stdout], [], [], 120)  # a job that hangs fails the test, not the suite
             held = job.stdout.readline() if ready else "(nothing in 120 s)"
-            assert held == "held\n", held + (job.stderr.read()[-2000:] if job.poll() is not None else "")
+            assert held == "held\n", held + log.read_text()[-2000:]
             r = run_grid("--gpus", "0", *TINY, "--pending-timeout", "0.05", "--results-dir", tmp_path, "--name",
                          "waits", env={"RAY_ADDRESS": gpuless_head}, timeout=300)
         finally:
