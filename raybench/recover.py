@@ -63,7 +63,9 @@ def local_dir(path: str) -> Path | None:
 
 def tune_records(tune_dir: Path | None) -> pd.DataFrame:
     """Epoch rows from every trial's result.json (one JSON record a line, as Tune received them); a line cut
-    short by a full disk is skipped. A retried epoch keeps its last record."""
+    short by a full disk is skipped. A retried epoch keeps its last record. The files in the run folder are
+    Tune's copies of its driver's staging folder, rewritten whole from time to time: a driver killed during a
+    copy leaves that one cut or empty, and the trial's epochs it no longer shows are trained again."""
     rows = []
     # result.json.<time>: a trial's records from before a restart from raybench's records (resume_entries),
     # read before the current result.json so that its records win
