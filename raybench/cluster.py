@@ -31,7 +31,7 @@ from typing import Iterator
 
 import yaml
 
-from raybench.session import NO_PRESTART
+from raybench.session import NO_PRESTART, terminate
 
 FAKE_PROVIDER = "fake_multinode"
 # The fake provider always calls its head node type this (ray.autoscaler._private.fake_multi_node).
@@ -334,10 +334,8 @@ def stop_local_cluster(cluster: LocalCluster | str | os.PathLike, grace_s: float
     """Stop every process of the cluster: SIGTERM, then SIGKILL after grace_s; repeat while any remain.
 
     Idempotent. Returns how many processes were signalled; raises RuntimeError naming the survivors if some are
-    still alive after timeout_s. (The GCS was seen to hang on SIGTERM, flushing metrics to a dead agent.)
+    still alive after timeout_s.
     """
-    import psutil
-
     temp = cluster.temp_dir if isinstance(cluster, LocalCluster) else str(cluster)
     deadline = time.monotonic() + timeout_s
     signalled: set[int] = set()
@@ -345,18 +343,8 @@ def stop_local_cluster(cluster: LocalCluster | str | os.PathLike, grace_s: float
         if time.monotonic() > deadline:
             names = ", ".join(_describe(p) for p in procs)
             raise RuntimeError(f"local cluster {temp}: processes still alive after {timeout_s:.0f} s: {names}")
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                if p.pid in signalled:
-                    p.kill()
-                else:
-                    p.terminate()
-            signalled.add(p.pid)
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=2.0)
+        terminate(procs, grace_s)
+        signalled |= {p.pid for p in procs}
     with contextlib.suppress(FileNotFoundError):
         (private_dir(temp) / STATE_FILE).unlink()
     return len(signalled)

@@ -299,16 +299,23 @@ def end_processes(marker: str, grace_s: float = 5.0) -> int:
     """End the processes whose command line names `marker` (a Ray temp or session folder): SIGTERM, then SIGKILL
     for those still there after `grace_s`. Unlike `ray stop`, which ends every Ray on the machine, another
     user's or job's included. Returns how many there were."""
-    import psutil
     procs = session_processes(marker)
+    terminate(procs, grace_s)
+    return len(procs)
+
+
+def terminate(procs: list, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL for those still there after `grace_s`: Ray's agents ignore SIGTERM once their raylet
+    is gone, and a GCS was seen to hang on it, flushing metrics to a dead agent."""
+    import psutil
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:  # Ray's agents ignore SIGTERM once their raylet is gone
+    for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    return len(procs)
+    psutil.wait_procs(alive, timeout=2.0)
 
 
 def reap(driver_pid: int, session_dir: str, poll_s: float = 1.0, grace_s: float = 3.0) -> None:
@@ -317,14 +324,7 @@ def reap(driver_pid: int, session_dir: str, poll_s: float = 1.0, grace_s: float 
     while psutil.pid_exists(driver_pid) and psutil.Process(driver_pid).status() != psutil.STATUS_ZOMBIE:
         time.sleep(poll_s)
     time.sleep(grace_s)  # a driver that shut Ray down itself has its processes exit on their own
-    procs = session_processes(session_dir)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:  # the agents ignore SIGTERM once their raylet is gone
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    end_processes(session_dir, grace_s)
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "reap":
