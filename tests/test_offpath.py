@@ -153,6 +153,7 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     from its epoch-3 checkpoint at 0.25 and finishes; the second, given a whole GPU by the experiment file, has
     no larger share to climb to, so its OOM is final. Every (trial, epoch) lands exactly once."""
     import psutil
+    from raybench.recover import newest_checkpoint_epoch, tune_records
     # Two ViTs of one size (their epochs take as long): the driver is killed once both have an epoch logged, and
     # a smaller one could have finished its four by then (it did once, on a slow host)
     a, b = "vit-p8-e32-l2-h2-m2-seed", "vit-p8-e32-l2-h4-m2-seed"
@@ -167,19 +168,26 @@ def test_resume_after_kill_9_uses_the_local_ray_the_run_started_with_and_requeue
     epochs = run_dir / "epochs.parquet"
     deadline = time.monotonic() + 300
 
-    def tune_logged() -> bool:  # Tune writes its result files after raybench's callback has written the row
+    def tune_logged() -> bool:
+        """Tune's result files hold every epoch each trial has a checkpoint of (Tune writes them after raybench's
+        callback has written the row, and copies them into the run folder after the checkpoint)."""
         texts = [p.read_text() for p in (run_dir / "ray").glob("*/result.json")]
-        return len(texts) == 2 and all(t.endswith("\n") and '"train_loss"' in t for t in texts)
+        if not (len(texts) == 2 and all(t.endswith("\n") and '"train_loss"' in t for t in texts)):
+            return False
+        logged = tune_records(run_dir / "ray").groupby("trial").epoch.max()
+        return all(newest_checkpoint_epoch(run_dir / "ray" / t) <= logged.get(t, 0) for t in (a, b))
 
     # An epoch of each in epochs.parquet and in Tune's result files, which the resume rebuilds it from. Tune's
     # files in the run folder are copies of its staging folder's, each rewritten whole again and again by a
     # thread of the driver: a kill in the middle of a copy leaves it cut, and the resume would then train that
-    # trial again from epoch 1 (tests/test_recover.py). So the driver is frozen, and killed once they are whole.
+    # trial again from epoch 1 (tests/test_recover.py). So the driver is frozen, a checkpoint it asked for
+    # before given a second to land, and the driver killed once the files the resume reads are as needed.
     while True:
         while read_epochs(run_dir).trial.nunique() < 2 or not tune_logged():
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
             time.sleep(0.5)
         first.send_signal(signal.SIGSTOP)
+        time.sleep(1)
         if tune_logged():
             break
         first.send_signal(signal.SIGCONT)
